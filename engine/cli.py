@@ -1,0 +1,170 @@
+"""The `tgx` command: argument parsing and terminal output.
+
+Owns: the flags (TGI launcher names, each also read from its UPPER_SNAKE environment variable),
+building the frozen EngineConfig once, logging set-up and progress display. Must not: hold engine
+logic; it calls the public APIs like any user would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from engine.config import EngineConfig
+
+log = logging.getLogger("tgx")
+
+
+def _env(name: str, default=None, cast=str):
+    raw = os.environ.get(name.upper().replace("-", "_"))
+    if raw is None:
+        return default
+    if cast is bool:
+        return raw.lower() in ("1", "true", "yes", "on")
+    return cast(raw)
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, cast=str, default=None, help: str = "") -> None:
+    env = name.upper().replace("-", "_")
+    if cast is bool:
+        parser.add_argument(f"--{name}", action="store_true", default=_env(name, default or False, bool), help=f"{help} [env {env}]")
+    else:
+        parser.add_argument(f"--{name}", type=cast, default=_env(name, default, cast), help=f"{help} [env {env}]")
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "model-id", help="Hub id (from the local HF cache), local directory or .gguf file; default: embedded SmolLM2-135M-Instruct")
+    _flag(parser, "revision", help="Hub revision")
+    _flag(parser, "dtype", default="bfloat16", help="bfloat16 or float32")
+    _flag(parser, "max-batch-size", int, 32, "most requests in one step")
+    _flag(parser, "max-batch-prefill-tokens", int, None, "prompt tokens per step (default 4096 on accelerators, 512 on CPU)")
+    _flag(parser, "max-batch-total-tokens", int, None, "KV cache capacity in tokens (default: from memory)")
+    _flag(parser, "max-input-tokens", int, None, "longest prompt (default max-total-tokens - 1)")
+    _flag(parser, "max-total-tokens", int, None, "prompt + generated cap per request (default min(model max, 4096))")
+    _flag(parser, "page-size", int, 16, "KV cache page size in tokens")
+    _flag(parser, "memory-fraction", float, 0.9, "fraction of device memory to use")
+    _flag(parser, "max-top-n-tokens", int, 5, "most top-n alternatives a request may ask for")
+    _flag(parser, "compilation-cache-dir", help="persistent XLA compilation cache directory")
+    _flag(parser, "disable-chunked-prefill", bool, False, "prefill each prompt in one step")
+    _flag(parser, "json-output", bool, False, "log as JSON lines")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model_id=args.model_id,
+        revision=args.revision,
+        dtype=args.dtype,
+        max_batch_size=args.max_batch_size,
+        max_batch_prefill_tokens=args.max_batch_prefill_tokens,
+        max_batch_total_tokens=args.max_batch_total_tokens,
+        max_input_tokens=args.max_input_tokens,
+        max_total_tokens=args.max_total_tokens,
+        page_size=args.page_size,
+        memory_fraction=args.memory_fraction,
+        max_top_n_tokens=args.max_top_n_tokens,
+        enable_chunked_prefill=not args.disable_chunked_prefill,
+        compilation_cache_dir=args.compilation_cache_dir,
+    )
+
+
+class ProgressLine:
+    """A one-line progress display on stderr for loading and compiling."""
+
+    def __init__(self) -> None:
+        self._last = 0.0
+        self._tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last < (0.1 if self._tty else 2.0):
+            return
+        self._last = now
+        line = f"[{done}/{total}] {what}"
+        if self._tty:
+            sys.stderr.write("\r\033[K" + line[:120] + ("\n" if done >= total else ""))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def _setup_logging(json_output: bool) -> None:
+    fmt = (
+        '{"time":"%(asctime)s","level":"%(levelname)s","target":"%(name)s","message":"%(message)s"}'
+        if json_output
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    cfg = engine_config(args)
+    if cfg.compilation_cache_dir:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    engine = LLMEngine(cfg, progress=ProgressLine())
+    prompt = args.prompt
+    if args.chat:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": prompt})
+        prompt = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    engine.add_request(prompt, params)
+    start, n = time.perf_counter(), 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            n += len(out.tokens)
+            sys.stdout.write(out.text)
+            sys.stdout.flush()
+    elapsed = time.perf_counter() - start
+    sys.stdout.write("\n")
+    log.info("%d tokens in %.2f s (%.1f tokens/s)", n, elapsed, n / max(elapsed, 1e-9))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tgx", description="JAX/XLA text-generation inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
+    add_engine_flags(gen)
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--system", default=None, help="system message for --chat")
+    gen.set_defaults(max_batch_size=_env("max-batch-size", 1, int))
+    args = parser.parse_args(argv)
+    _setup_logging(args.json_output)
+    from engine.models.loader import ModelLoadError
+
+    try:
+        if args.command == "generate":
+            return _generate(args)
+    except (ValueError, ModelLoadError) as e:
+        # A user's mistake (bad flag value, missing model): one clear line, no traceback.
+        print(f"tgx: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

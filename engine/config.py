@@ -1,0 +1,137 @@
+"""EngineConfig: every engine knob, frozen, built once from the CLI (TGI launcher names).
+
+Owns: the user-facing limits and their validation, and `resolve_limits`, which turns the "auto"
+values into concrete numbers once the model and the device memory are known. Must not: touch
+devices itself (callers pass in the memory figures), read environment variables (the CLI does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model_id: str | None = None  # None: the embedded default (SmolLM2-135M-Instruct)
+    revision: str | None = None
+    dtype: str = "bfloat16"
+    max_batch_size: int = 32
+    max_batch_prefill_tokens: int | None = None  # None: 4096 on accelerators, 512 on CPU
+    max_batch_total_tokens: int | None = None  # KV capacity in tokens; None: from memory
+    max_input_tokens: int | None = None  # None: max_total_tokens - 1
+    max_total_tokens: int | None = None  # None: min(max_position_embeddings, 4096)
+    page_size: int = 16
+    memory_fraction: float = 0.9  # of device memory the weights, KV cache and activations may use
+    max_top_n_tokens: int = 5
+    enable_chunked_prefill: bool = True
+    min_token_bucket: int = 16
+    compilation_cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unsupported --dtype {self.dtype!r}; choose one of {sorted(set(DTYPES.values()))}")
+        object.__setattr__(self, "dtype", DTYPES[self.dtype])
+        for name in ("max_batch_size", "page_size", "min_token_bucket"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+        if self.page_size & (self.page_size - 1):
+            raise ValueError("--page-size must be a power of two")
+        for name in ("max_batch_prefill_tokens", "max_batch_total_tokens", "max_input_tokens", "max_total_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError("--memory-fraction must be in (0, 1]")
+        if self.max_top_n_tokens < 0:
+            raise ValueError("--max-top-n-tokens must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """The concrete numbers the scheduler and runner are built with."""
+
+    max_batch_size: int
+    max_batch_prefill_tokens: int
+    max_input_tokens: int
+    max_total_tokens: int
+    num_pages: int  # including the reserved page 0
+    page_size: int
+    token_buckets: tuple[int, ...]  # padded token counts per step, ascending
+    request_buckets: tuple[int, ...]  # padded request counts per step, ascending
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return (self.num_pages - 1) * self.page_size
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        return math.ceil(self.max_total_tokens / self.page_size)
+
+
+def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+    sizes, n = [], lo
+    while n < hi:
+        sizes.append(n)
+        n *= 2
+    sizes.append(hi)
+    return tuple(sizes)
+
+
+def resolve_limits(
+    cfg: EngineConfig,
+    *,
+    max_position_embeddings: int,
+    kv_bytes_per_token: int,
+    free_memory_bytes: int,
+    is_accelerator: bool,
+) -> Limits:
+    """Fills the auto values and checks the combination, raising ValueError on a layout that can't work.
+
+    free_memory_bytes is what the KV cache may take: memory_fraction of the device (or of host RAM on
+    CPU) minus the weights, already net of an activation reserve.
+    """
+    max_total = cfg.max_total_tokens or min(max_position_embeddings, 4096)
+    if max_total > max_position_embeddings:
+        raise ValueError(
+            f"--max-total-tokens ({max_total}) exceeds the model's max_position_embeddings ({max_position_embeddings})"
+        )
+    max_input = cfg.max_input_tokens or max_total - 1
+    if max_input >= max_total:
+        raise ValueError(f"--max-input-tokens ({max_input}) must be < --max-total-tokens ({max_total})")
+    prefill = cfg.max_batch_prefill_tokens or (4096 if is_accelerator else 512)
+    if not cfg.enable_chunked_prefill and prefill < max_input:
+        raise ValueError(
+            f"--max-batch-prefill-tokens ({prefill}) must be >= --max-input-tokens ({max_input}) without chunked prefill"
+        )
+    # More KV than max_batch_size full-length requests can never be used, so don't take it.
+    wanted = cfg.max_batch_total_tokens or cfg.max_batch_size * max_total
+    affordable = free_memory_bytes // max(kv_bytes_per_token, 1)
+    if wanted > affordable:
+        if cfg.max_batch_total_tokens is not None:
+            raise ValueError(
+                f"--max-batch-total-tokens {wanted} needs {wanted * kv_bytes_per_token / 2**30:.2f} GiB of KV cache "
+                f"but only {free_memory_bytes / 2**30:.2f} GiB is free"
+            )
+        wanted = affordable
+    if wanted < max_total:
+        raise ValueError(
+            f"the KV cache holds {wanted} tokens, fewer than --max-total-tokens ({max_total}): "
+            "lower --max-total-tokens or free memory"
+        )
+    num_pages = wanted // cfg.page_size + 1  # + the reserved padding page
+    max_step_tokens = prefill + cfg.max_batch_size  # every running request also decodes each step
+    tokens = _powers_of_two(min(cfg.min_token_bucket, max_step_tokens), max_step_tokens)
+    requests = _powers_of_two(1, cfg.max_batch_size)
+    return Limits(
+        max_batch_size=cfg.max_batch_size,
+        max_batch_prefill_tokens=prefill,
+        max_input_tokens=max_input,
+        max_total_tokens=max_total,
+        num_pages=num_pages,
+        page_size=cfg.page_size,
+        token_buckets=tokens,
+        request_buckets=requests,
+    )

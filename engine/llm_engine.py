@@ -1,0 +1,226 @@
+"""LLMEngine: one model's engine, driven one step at a time from a single thread.
+
+Owns: start-up (load, size the KV cache, warm up), request admission and validation, and each
+step's loop: schedule -> runner.execute -> scheduler.update -> detokenize and check stop strings.
+Must not: block on anything but the device, hold asyncio objects (engine.async_engine does), or
+touch device arrays (the runner does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+
+from engine.api import EngineInfo, GeneratedToken, RequestOutput, TokenLogprob
+from engine.config import EngineConfig, Limits, resolve_limits
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import PageAllocator
+from engine.models.loader import LoadedModel, load_model
+from engine.request import FinishReason, Request
+from engine.runner import ModelRunner, Progress
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_compiled_programs: int
+
+
+def _kv_memory_budget(cfg: EngineConfig) -> tuple[int, bool]:
+    """Bytes the KV cache may take on device 0 after the weights are loaded, and whether it's an accelerator."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        limit = stats["bytes_limit"]
+        # Keep a tenth back for activations, logits and XLA's scratch space.
+        budget = int(limit * cfg.memory_fraction) - stats.get("bytes_in_use", 0) - limit // 10
+        return max(budget, 0), True
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(available * cfg.memory_fraction) // 2, False
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, *, loaded: LoadedModel | None = None, progress: Progress | None = None):
+        self.cfg = cfg
+        if loaded is None:
+            loaded = load_model(cfg.model_id, revision=cfg.revision, dtype=cfg.dtype, progress=progress)
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        mc = loaded.config
+        itemsize = jax.numpy.dtype(loaded.dtype).itemsize
+        kv_bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * itemsize
+        budget, is_accel = _kv_memory_budget(cfg)
+        self.limits: Limits = resolve_limits(
+            cfg,
+            max_position_embeddings=mc.max_position_embeddings,
+            kv_bytes_per_token=kv_bytes_per_token,
+            free_memory_bytes=budget,
+            is_accelerator=is_accel,
+        )
+        log.info(
+            "KV cache: %d tokens (%d pages of %d, %.1f MiB)",
+            self.limits.kv_capacity_tokens,
+            self.limits.num_pages - 1,
+            self.limits.page_size,
+            self.limits.num_pages * self.limits.page_size * kv_bytes_per_token / 2**20,
+        )
+        self.allocator = PageAllocator(self.limits.num_pages, self.limits.page_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_batch_size=self.limits.max_batch_size,
+                max_batch_prefill_tokens=self.limits.max_batch_prefill_tokens,
+                max_total_tokens=self.limits.max_total_tokens,
+                enable_chunked_prefill=cfg.enable_chunked_prefill,
+            ),
+            self.allocator,
+        )
+        self.runner = ModelRunner(loaded.model, self.limits, max_top_n_tokens=cfg.max_top_n_tokens)
+        self.warmup_seconds = self.runner.warmup(progress)
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+        self._special_ids = frozenset(self.tokenizer.all_special_ids)
+        self.info = EngineInfo(
+            model_id=loaded.source.display_name,
+            model_dtype=str(loaded.dtype),
+            max_batch_size=self.limits.max_batch_size,
+            max_input_tokens=self.limits.max_input_tokens,
+            max_total_tokens=self.limits.max_total_tokens,
+            max_batch_prefill_tokens=self.limits.max_batch_prefill_tokens,
+            max_batch_total_tokens=self.limits.kv_capacity_tokens,
+            page_size=self.limits.page_size,
+            max_top_n_tokens=cfg.max_top_n_tokens,
+        )
+
+    # ---- admission ---------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        return [int(t) for t in prompt]
+
+    def validate(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
+        """Tokenizes and checks the request against the limits; raises ValueError with TGI's wording."""
+        ids = self.tokenize(prompt)
+        limits = self.limits
+        if not ids:
+            raise ValueError("Input validation error: `inputs` cannot be empty")
+        if len(ids) > limits.max_input_tokens:
+            raise ValueError(
+                f"Input validation error: `inputs` tokens must be <= {limits.max_input_tokens}. Given: {len(ids)}"
+            )
+        if len(ids) + params.max_new_tokens > limits.max_total_tokens:
+            raise ValueError(
+                f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
+                f"Given: {len(ids)} `inputs` tokens and {params.max_new_tokens} `max_new_tokens`"
+            )
+        if params.top_n_tokens > self.cfg.max_top_n_tokens:
+            raise ValueError(
+                f"Input validation error: `top_n_tokens` must be >= 0 and <= {self.cfg.max_top_n_tokens}. "
+                f"Given: {params.top_n_tokens}"
+            )
+        vocab = self.loaded.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"Input validation error: token ids must be in [0, {vocab})")
+        return ids
+
+    def add_request(
+        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> Request:
+        ids = self.validate(prompt, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._detokenizers:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = Request.create(request_id, ids, params, frozenset(self.loaded.eos_token_ids))
+        self.scheduler.add_request(req)
+        self._detokenizers[request_id] = IncrementalDetokenizer(
+            self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop
+        )
+        return req
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.scheduler.abort_request(request_id)
+        self._detokenizers.pop(request_id, None)
+        if req is None:
+            return None
+        return self._output(req, (), "", FinishReason.CANCELLED, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=self.allocator.usage(),
+            num_compiled_programs=self.runner.num_compiled_programs,
+        )
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        schedule = self.scheduler.schedule()
+        if schedule.is_empty:
+            return []
+        result = self.runner.execute(schedule)
+        row_of = {id(chunk.request): row for row, chunk in enumerate(schedule.chunks)}
+        outputs = []
+        for update in self.scheduler.update(schedule, result.tokens.tolist()):
+            if update.new_token is None:
+                continue
+            req = update.request
+            row = row_of[id(req)]
+            detok = self._detokenizers[req.request_id]
+            piece = detok.add(update.new_token)
+            reason = update.finish_reason if update.is_finished else None
+            if piece.stop_sequence is not None and reason is None:
+                self.scheduler.finish_request(req.request_id, FinishReason.STOP_SEQUENCE)
+                reason = FinishReason.STOP_SEQUENCE
+            token = GeneratedToken(
+                token_id=update.new_token,
+                text=piece.text,
+                logprob=float(result.logprobs[row]),
+                is_special=update.new_token in self._special_ids,
+                top=self._top(result, row, req.params.top_n_tokens),
+            )
+            if reason is not None:
+                self._detokenizers.pop(req.request_id, None)
+            outputs.append(self._output(req, (token,), piece.text, reason, piece.stop_sequence))
+        return outputs
+
+    def _top(self, result, row: int, n: int) -> tuple[TokenLogprob, ...]:
+        if n == 0:
+            return ()
+        ids = result.top_ids[row, :n].tolist()
+        lps = result.top_logprobs[row, :n].tolist()
+        return tuple(TokenLogprob(i, self.tokenizer.decode([i]), lp) for i, lp in zip(ids, lps))
+
+    @staticmethod
+    def _output(req: Request, tokens, text: str, reason: FinishReason | None, stop: str | None) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            tokens=tokens,
+            text=text,
+            finished=reason is not None,
+            finish_reason=reason.value if reason is not None else None,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_generated_tokens=req.num_output_tokens,
+            seed=None if req.params.is_greedy else req.seed,
+            stop_sequence=stop,
+        )
+
+    def run_until_done(self, on_output: Callable[[RequestOutput], None] | None = None) -> None:
+        while self.has_unfinished():
+            for out in self.step():
+                if on_output:
+                    on_output(out)

@@ -1,0 +1,51 @@
+"""The model protocol: what the runner, loader and tests may rely on from any causal LM port.
+
+Owns: the `CausalLM` and `AttentionFn` interfaces. Must not: implement a model or import one.
+
+A step runs the flat, padded stream of T tokens of the attention ABI (see
+engine.pallas_kernels.ragged_paged_attention.metadata); positions come from `md.positions`.
+Parameters are in the model's param dtype; norms and rotary math run in float32; logits are float32.
+Every parameter's state path, joined with '.', is its Hugging Face state_dict name.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import jax
+
+from engine.models.config import ModelConfig
+from engine.pallas_kernels.ragged_paged_attention.metadata import AttentionMetadata
+
+
+class AttentionFn(Protocol):
+    """Ragged paged attention behind the ABI: the reference, or a kernel with the same contract."""
+
+    def __call__(
+        self,
+        q: jax.Array,  # [T, N, H]
+        k: jax.Array,  # [T, K, H]
+        v: jax.Array,  # [T, K, H]
+        kv_cache: jax.Array,  # [2, P, S, K, H]
+        md: AttentionMetadata,
+        *,
+        sm_scale: float,
+        sliding_window: int | None = None,
+        soft_cap: float | None = None,
+    ) -> tuple[jax.Array, jax.Array]: ...  # out [T, N, H] in q's dtype, new kv_cache
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    config: ModelConfig
+
+    def __call__(
+        self,
+        input_ids: jax.Array,  # [T] int32
+        kv_caches: tuple[jax.Array, ...],  # L x [2, P, S, K, H]
+        md: AttentionMetadata,
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:  # hidden [T, D] after the final norm, new caches
+        ...
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:  # [R, D] -> [R, V] float32
+        ...

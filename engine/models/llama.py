@@ -1,0 +1,92 @@
+"""LlamaForCausalLM: the Llama-shaped decoder, assembled from the shared layers.
+
+Owns: wiring embed -> L x (norm, attention, norm, MLP with residuals) -> final norm -> logits for
+Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5 and SmolLM2, whose differences are all config (biases, rope
+scaling, sliding window, tied embeddings). Must not: contain layer math (engine.models.layers does)
+or read checkpoints (engine.models.params does). Attribute names mirror the HF module tree so
+state paths are HF state_dict names.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from engine.models.base import AttentionFn
+from engine.models.config import ModelConfig
+from engine.models.layers.attention import Attention
+from engine.models.layers.embed import Embed
+from engine.models.layers.linear import Linear
+from engine.models.layers.mlp import GatedMLP
+from engine.models.layers.norm import RMSNorm
+from engine.models.layers.rope import rope_cos_sin, rope_inv_freq
+from engine.pallas_kernels.ragged_paged_attention.metadata import AttentionMetadata
+from engine.pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, layer: int, *, attention_fn: AttentionFn, dtype: jnp.dtype,
+                 rngs: nnx.Rngs) -> None:
+        c = config
+        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(c, layer, attention_fn=attention_fn, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, act=c.hidden_act, use_bias=c.mlp_bias,
+                            dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], kv_cache: jax.Array, md: AttentionMetadata
+    ) -> tuple[jax.Array, jax.Array]:  # x [T, D] -> ([T, D], new cache)
+        attn, kv_cache = self.self_attn(self.input_layernorm(x), rope, kv_cache, md)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, config: ModelConfig, *, attention_fn: AttentionFn, dtype: jnp.dtype,
+                 rngs: nnx.Rngs) -> None:
+        c = config
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([
+            DecoderLayer(c, i, attention_fn=attention_fn, dtype=dtype, rngs=rngs) for i in range(c.num_layers)
+        ])
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+        self.inv_freq = tuple(rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).tolist())  # static
+
+    def __call__(
+        self, input_ids: jax.Array, kv_caches: tuple[jax.Array, ...], md: AttentionMetadata
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        x = self.embed_tokens(input_ids)  # [T, D]
+        rope = rope_cos_sin(md.positions, self.inv_freq)  # once per step, shared by every layer
+        new_caches = []
+        for i, (layer, cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            with jax.named_scope(f"layers.{i}"):
+                x, cache = layer(x, rope, cache, md)
+            new_caches.append(cache)
+        return self.norm(x), tuple(new_caches)
+
+
+class LlamaForCausalLM(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 attention_fn: AttentionFn = ragged_paged_attention) -> None:
+        self.config = config
+        self.model = LlamaModel(config, attention_fn=attention_fn, dtype=dtype, rngs=rngs)
+        if not config.tie_word_embeddings:  # tied: no lm_head param at all, logits reuse the embedding
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
+                                  rngs=rngs)
+
+    def __call__(
+        self, input_ids: jax.Array, kv_caches: tuple[jax.Array, ...], md: AttentionMetadata
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """input_ids [T] -> (hidden [T, D] after the final norm, new caches L x [2, P, S, K, H])."""
+        if len(kv_caches) != self.config.num_layers:
+            raise ValueError(f"expected {self.config.num_layers} KV caches, got {len(kv_caches)}")
+        return self.model(input_ids, kv_caches, md)
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [R, D] -> logits [R, V] float32."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.attend(hidden)
+        w = self.lm_head.weight[...]  # [V, D]
+        return jnp.einsum("rd,vd->rv", hidden, w, preferred_element_type=jnp.float32)

@@ -1,0 +1,243 @@
+"""load_model: from a model id to a CausalLM with its weights on device, its config and its tokenizer.
+
+Owns: the loading sequence (resolve files, read config and tokenizer, check the checkpoint against the
+parameter tree the config implies, read the tensors with progress, put them into the model), the
+dtype choices, and turning every failure into one ModelLoadError with a message fit for the user.
+Must not: know any family's layers (engine.models.registry builds the model, engine.models.params
+assigns the tensors), reach the network, or parse file formats itself (sources, safetensors_weights,
+gguf_weights and metadata do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from engine.models.config import ModelConfig
+from engine.models.sources import ModelLoadError, ModelSource, resolve_model
+
+__all__ = [
+    "DTYPES",
+    "LoadedModel",
+    "ModelLoadError",
+    "ModelSource",
+    "load_model",
+    "parse_dtype",
+    "resolve_model",
+]
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, str], None]
+
+# Accepted spellings -> canonical name (a jnp dtype name).
+DTYPES: Mapping[str, str] = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
+
+# Checkpoint tensors that are derived buffers, not parameters: skipped rather than called unexpected.
+_DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    model: Any  # the NNX CausalLM, weights as device arrays
+    config: ModelConfig
+    tokenizer: Any  # transformers fast tokenizer, with the model's chat template when it has one
+    eos_token_ids: tuple[int, ...]
+    source: ModelSource
+    dtype: str  # canonical name: "bfloat16" | "float16" | "float32"
+
+
+def parse_dtype(dtype: Any) -> str:
+    """The canonical dtype name for a user's spelling; ValueError listing the choices otherwise."""
+    key = dtype
+    if not isinstance(key, str):
+        try:
+            key = np.dtype(key).name  # jnp.bfloat16, np.float32, ...
+        except TypeError:
+            key = repr(key)
+    name = DTYPES.get(key.strip().lower())
+    if name is None:
+        raise ValueError(f"Unsupported dtype {dtype!r}: choose one of {', '.join(DTYPES)}.")
+    return name
+
+
+def load_model(
+    model_id: str | None,
+    *,
+    revision: str | None = None,
+    dtype: Any = "bfloat16",
+    progress: ProgressFn | None = None,
+) -> LoadedModel:
+    """Loads `model_id` (None: the embedded default) with weights in `dtype`; raises ModelLoadError."""
+    try:
+        dtype_name = parse_dtype(dtype)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from e
+    start = time.monotonic()
+    source = resolve_model(model_id, revision)
+    where = source.gguf_path if source.kind == "gguf" else source.directory
+    logger.info("Loading %s from %s (%s)", source.display_name, where, dtype_name)
+
+    from engine.models import gguf_weights, metadata
+
+    # Opened first: a truncated or foreign file then fails with our message, not transformers' parse error.
+    gguf = gguf_weights.GGUFFile(source.gguf_path) if source.kind == "gguf" else None
+    hf_config = metadata.read_hf_config(source)
+    config = _model_config(hf_config, source)
+    tokenizer = metadata.load_tokenizer(source)
+    eos = metadata.eos_token_ids(source, hf_config, tokenizer)
+    config = dataclasses.replace(config, eos_token_ids=eos)
+    logger.info(
+        "%s: %d layers, hidden %d, vocab %d, EOS ids %s (%.1fs)",
+        config.architecture,
+        config.num_layers,
+        config.hidden_size,
+        config.vocab_size,
+        list(eos),
+        time.monotonic() - start,
+    )
+
+    model = _abstract_model(config, dtype_name)
+    expected = _expected_params(model)
+    tensors = _read_weights(source, gguf, config, expected, _with_logging(progress))
+    model = _fill(model, dtype_name, tensors, source)
+    logger.info("Loaded %s in %.1fs", source.display_name, time.monotonic() - start)
+    return LoadedModel(model, config, tokenizer, eos, source, dtype_name)
+
+
+def _config_file(source: ModelSource) -> str:
+    return str(source.gguf_path if source.kind == "gguf" else source.directory / "config.json")
+
+
+def _model_config(hf_config: dict[str, Any], source: ModelSource) -> ModelConfig:
+    from engine.models import registry
+
+    try:
+        return registry.config_from_hf(hf_config)
+    except registry.UnsupportedArchitectureError as e:
+        raise ModelLoadError(f"{source.display_name}: {e}") from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"The model config in {_config_file(source)} is not usable: {e}") from e
+
+
+def _abstract_model(config: ModelConfig, dtype_name: str) -> Any:
+    """The model with shape-only params (nothing allocated): its tree says what the checkpoint must hold."""
+    import jax.numpy as jnp
+
+    from engine.models import registry
+
+    return registry.build_abstract_model(config, dtype=jnp.dtype(dtype_name))
+
+
+def _expected_params(model: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{HF name: (shape, dtype)} of every parameter of `model`."""
+    from engine.models.params import named_params
+
+    out = {}
+    for name, param in named_params(model).items():
+        value = param.get_value()
+        out[name] = (tuple(value.shape), np.dtype(value.dtype))
+    return out
+
+
+def _check(
+    expected: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    found: Mapping[str, tuple[tuple[int, ...], str]],
+    what: str,
+    config_file: str,
+) -> None:
+    """Raises ModelLoadError for the first missing, unexpected or mis-shaped tensor, naming its file."""
+    missing = [n for n in expected if n not in found]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelLoadError(
+            f"{what} has no tensor {missing[0]}{more}, which the config ({config_file}) calls for."
+        )
+    for name, (shape, where) in found.items():
+        if name not in expected:
+            raise ModelLoadError(
+                f"{where} holds tensor {name}, which the model built from {config_file} has no parameter for."
+            )
+        if tuple(shape) != expected[name][0]:
+            raise ModelLoadError(
+                f"Tensor {name} in {where} has shape {tuple(shape)}, but the config ({config_file}) "
+                f"implies {expected[name][0]}."
+            )
+
+
+def _read_weights(
+    source: ModelSource,
+    gguf: Any,  # the open gguf_weights.GGUFFile of a GGUF source, else None
+    config: ModelConfig,
+    expected: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    progress: ProgressFn,
+) -> dict[str, np.ndarray]:
+    dtypes = {name: dt for name, (_, dt) in expected.items()}
+    if gguf is not None:
+        from engine.models import gguf_weights
+
+        infos = gguf_weights.map_tensors(gguf, expected, num_layers=config.num_layers)
+        found = {
+            name: (info.shape, f"{source.gguf_path} (as {info.gguf_name})") for name, info in infos.items()
+        }
+        _check(expected, found, f"GGUF file {source.gguf_path}", _config_file(source))
+        return gguf_weights.read_gguf_tensors(
+            gguf,
+            infos,
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            dtypes=dtypes,
+            progress=progress,
+        )
+    from engine.models import safetensors_weights as st
+
+    infos = st.list_tensors(source.directory)
+    skip = {n for n in infos if n.endswith(_DERIVED_SUFFIXES)}
+    if config.tie_word_embeddings and "lm_head.weight" not in expected:
+        skip.add("lm_head.weight")  # some tied checkpoints still store the (identical) head
+    found = {name: (info.shape, str(info.file)) for name, info in infos.items() if name not in skip}
+    _check(expected, found, f"The checkpoint in {source.directory}", _config_file(source))
+    return st.read_tensors(infos, list(expected), dtypes=dtypes, progress=progress)
+
+
+def _fill(model: Any, dtype_name: str, tensors: Mapping[str, np.ndarray], source: ModelSource) -> Any:
+    import jax.numpy as jnp
+
+    from engine.models import params
+
+    try:
+        params.assign_params(model, tensors, jnp.dtype(dtype_name))
+    except ValueError as e:  # the checks above should have caught it; keep the message on one line
+        detail = " ".join(str(e).split())
+        raise ModelLoadError(f"The weights of {source.display_name} do not fit its config: {detail}") from e
+    return model
+
+
+def _with_logging(progress: ProgressFn | None) -> ProgressFn:
+    """Wraps the caller's callback with INFO log lines at every tenth of the way."""
+    state = {"next": 0.0, "start": time.monotonic()}
+
+    def report(done: int, total: int, name: str) -> None:
+        if progress is not None:
+            progress(done, total, name)
+        if total and done / total >= state["next"]:
+            logger.info(
+                "Loading weights: %d/%d tensors (%.1fs)", done, total, time.monotonic() - state["start"]
+            )
+            state["next"] = (int(done * 10 / total) + 1) / 10
+
+    return report

@@ -1,0 +1,212 @@
+"""LlamaForCausalLM against Hugging Face transformers (torch, CPU, float32) for every Llama variant.
+
+Owns: tiny random-config parity checks (ragged prefill, chunked prefill, 16 greedy decode steps
+through shuffled pages) and the registry/params error paths. Must not: download anything; HF
+models are built from configs with fresh random weights.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from engine.models.config import ModelConfig  # noqa: E402
+from engine.models.params import assign_params, named_params  # noqa: E402
+from engine.models.registry import (  # noqa: E402
+    UnsupportedArchitectureError,
+    build_abstract_model,
+    build_model,
+    config_from_hf,
+    is_supported,
+)
+from engine.pallas_kernels.ragged_paged_attention.metadata import kv_cache_shape  # noqa: E402
+from tests.engine.models.paged import TinyPagedEngine, model_step_fn  # noqa: E402
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
+LLAMA3 = dict(rope_theta=500000.0, rope_scaling=dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    original_max_position_embeddings=16,  # small, so positions in these tests are scaled
+))
+VARIANTS = {
+    "llama2": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama3.1": ("LlamaConfig", "LlamaForCausalLM", LLAMA3),
+    "llama3.2": ("LlamaConfig", "LlamaForCausalLM", dict(LLAMA3, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen2-swa": ("Qwen2Config", "Qwen2ForCausalLM",
+                  dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+    # SmolLM2's shape: G = 3, head_dim from hidden/heads, tied, theta 1e5.
+    "smollm2": ("LlamaConfig", "LlamaForCausalLM",
+                dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, rope_theta=100000.0,
+                     tie_word_embeddings=True, vocab_size=300)),
+}
+PAGE_SIZE = 4
+NUM_PAGES = 64
+DECODE_STEPS = 16
+
+
+@functools.cache
+def _hf_model(variant: str):
+    config_cls, arch, extra = VARIANTS[variant]
+    cfg = getattr(transformers, config_cls)(**{**TINY, **extra}, architectures=[arch])
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)._from_config(cfg, attn_implementation="eager").eval()
+    # HF init (std 0.02) makes attention near-uniform and hides rope/mask bugs; use O(1) logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn_like(p))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn_like(p))
+            else:
+                gain = 2.0 if ("q_proj" in name or "k_proj" in name) else 1.0
+                p.copy_(gain * torch.randn_like(p) / p.shape[1] ** 0.5)
+    return model
+
+
+def _ours(hf_model, dtype=jnp.float32):
+    config = config_from_hf(hf_model.config.to_dict())
+    model = build_abstract_model(config, dtype=dtype)
+    tensors = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+    assign_params(model, tensors, dtype)
+    return config, model
+
+
+def _rel(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+def _hf_greedy(hf_model, prompt):
+    """HF's logits over the prompt [n, V], and its greedy continuation with per-step logits."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        prefill = hf_model(ids).logits[0].numpy()
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=DECODE_STEPS + 1, output_logits=True,
+                                return_dict_in_generate=True, pad_token_id=0)
+    tokens = out.sequences[0, len(prompt):].tolist()  # [17]
+    step_logits = np.stack([lg[0].numpy() for lg in out.logits])  # [17, V]; [0] is the prefill's
+    return prefill, tokens, step_logits
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_matches_transformers(variant):
+    hf_model = _hf_model(variant)
+    config, model = _ours(hf_model)
+    hf_names = set(hf_model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    assert set(named_params(model)) == hf_names
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, config.vocab_size, n).tolist() for n in (11, 5, 19)]
+    hf = [_hf_greedy(hf_model, p) for p in prompts]
+
+    step_fn = model_step_fn(model)
+    engine = TinyPagedEngine(num_pages=NUM_PAGES, page_size=PAGE_SIZE, seed=1)
+    caches = tuple(jnp.zeros(kv_cache_shape(NUM_PAGES, PAGE_SIZE, config.num_kv_heads, config.head_dim))
+                   for _ in range(config.num_layers))
+    shape = dict(num_tokens=48, num_rows=6, max_pages=12)  # one bucket for every step: one compile
+
+    # Ragged prefill of all prompts, plus the first chunk of a chunked copy of prompt 2.
+    split = 8
+    chunks = [(i, p) for i, p in enumerate(prompts)] + [("chunked", prompts[2][:split])]
+    step = engine.step(chunks, **shape)
+    logits, caches = step_fn(step.input_ids, caches, step.md)
+    logits = np.asarray(logits)
+    for i, (prefill, _, _) in enumerate(hf):
+        assert _rel(logits[step.token_index[i]], prefill) < 1e-4, f"prefill of prompt {i}"
+    first_chunk = logits[step.token_index[3]]
+
+    # Greedy decode of every prompt (HF's tokens fed back), with the chunked prompt's second half
+    # riding along in the first decode step.
+    for d in range(DECODE_STEPS):
+        chunks = [(i, [tokens[d]]) for i, (_, tokens, _) in enumerate(hf)]
+        if d == 0:
+            chunks.append(("chunked", prompts[2][split:]))
+        step = engine.step(chunks, **shape)
+        logits, caches = step_fn(step.input_ids, caches, step.md)
+        logits = np.asarray(logits)
+        for i, (_, _, step_logits) in enumerate(hf):
+            assert _rel(logits[step.token_index[i]], step_logits[d + 1]) < 1e-4, f"decode {d} of {i}"
+        if d == 0:
+            chunked = np.concatenate([first_chunk, logits[step.token_index[3]]])
+            assert _rel(chunked, hf[2][0]) < 1e-4, "chunked prefill"
+
+
+def test_bfloat16_params_track_float32():
+    hf_model = _hf_model("llama3.2")
+    config, model = _ours(hf_model, jnp.bfloat16)
+    assert all(p.get_value().dtype == jnp.bfloat16 for p in named_params(model).values())
+    prompt = np.random.default_rng(0).integers(1, config.vocab_size, 12).tolist()
+    engine = TinyPagedEngine(num_pages=NUM_PAGES, page_size=PAGE_SIZE, seed=2)
+    caches = (jnp.zeros(kv_cache_shape(NUM_PAGES, PAGE_SIZE, config.num_kv_heads, config.head_dim),
+                        jnp.bfloat16),) * config.num_layers
+    step = engine.step([(0, prompt)], num_tokens=16, num_rows=2, max_pages=8)
+    logits, _ = model_step_fn(model)(step.input_ids, caches, step.md)
+    assert logits.dtype == jnp.float32
+    with torch.no_grad():
+        want = hf_model(torch.tensor([prompt])).logits[0].numpy()
+    assert _rel(np.asarray(logits)[step.token_index[0]], want) < 5e-2
+
+
+def test_unknown_architecture_is_named():
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        config_from_hf({"architectures": ["GPT2LMHeadModel"], "hidden_size": 64})
+    msg = str(err.value)
+    assert isinstance(err.value, ValueError)
+    assert "GPT2LMHeadModel" in msg
+    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
+        assert arch in msg and is_supported(arch)
+    assert not is_supported("GPT2LMHeadModel")
+    with pytest.raises(UnsupportedArchitectureError, match="without `architectures`"):
+        config_from_hf({"hidden_size": 64})
+
+
+def test_config_from_hf_defaults_and_rope_spellings():
+    base = dict(architectures=["LlamaForCausalLM"], vocab_size=10, hidden_size=64, intermediate_size=8,
+                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, eos_token_id=[3, 4])
+    legacy = config_from_hf(dict(base, rope_theta=5e5, rope_scaling=dict(type="linear", factor=2.0)))
+    v5 = config_from_hf(dict(base, rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=5e5)))
+    assert legacy == v5
+    assert (v5.head_dim, v5.num_kv_heads, v5.eos_token_ids, v5.rope_theta) == (16, 4, (3, 4), 5e5)
+    assert config_from_hf(dict(base, eos_token_id=2)).eos_token_ids == (2,)
+    with pytest.raises(ValueError, match="rope_type 'yarn'"):
+        config_from_hf(dict(base, rope_scaling=dict(rope_type="yarn", factor=4.0)))
+    with pytest.raises(ValueError, match="lacks `hidden_size`"):
+        config_from_hf({k: v for k, v in base.items() if k != "hidden_size"})
+    qwen = config_from_hf(dict(base, architectures=["Qwen2ForCausalLM"], sliding_window=8))
+    assert qwen.attention_bias and not qwen.o_proj_bias and qwen.sliding_window is None
+    assert ModelConfig.from_hf(dict(base)) == config_from_hf(dict(base))
+
+
+def test_assign_params_reports_every_problem():
+    config = config_from_hf(dict(architectures=["LlamaForCausalLM"], **TINY, tie_word_embeddings=True))
+    model = build_model(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    good = {n: np.zeros(p.shape, np.float32) for n, p in named_params(model).items()}
+    assert "lm_head.weight" not in good  # tied: the embedding is the output projection
+    # Harmless extras are ignored: rotary buffers, and a tied checkpoint's copy of the embedding.
+    extras = {"model.rotary_emb.inv_freq": np.zeros(8), "lm_head.weight": np.zeros((256, 64))}
+    assign_params(model, {**good, **extras}, jnp.bfloat16)
+    assert model.model.norm.weight.get_value().dtype == jnp.bfloat16
+
+    bad = dict(good)
+    del bad["model.layers.1.mlp.up_proj.weight"]
+    bad["model.layers.0.self_attn.q_proj.weight"] = np.zeros((64, 63), np.float32)
+    bad["model.layers.0.self_attn.q_proj.bias"] = np.zeros((64,), np.float32)
+    with pytest.raises(ValueError) as err:
+        assign_params(model, bad, jnp.float32)
+    msg = str(err.value)
+    assert "missing (1): model.layers.1.mlp.up_proj.weight" in msg
+    assert "unexpected (1): model.layers.0.self_attn.q_proj.bias" in msg
+    assert "model.layers.0.self_attn.q_proj.weight: expected (64, 64), got (64, 63)" in msg
+    # Nothing was written by the failed call.
+    assert model.model.norm.weight.get_value().dtype == jnp.bfloat16

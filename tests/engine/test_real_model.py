@@ -1,0 +1,163 @@
+"""The engine end to end on the real SmolLM2-135M-Instruct (GGUF Q4_1), float32, against transformers.
+
+Covers: greedy continuations equal to transformers' generate, batch invariance, chunked prefill,
+seeded sampling reproducibility, no recompilation after warmup, and no page leaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from engine.sampling_params import SamplingParams
+from tests.engine.conftest import run_all
+
+RAW_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+    "List three primary colors:\n1.",
+    "Translate to French: 'Good morning, how are you?'\n",
+]
+CHATS = [
+    [{"role": "user", "content": "What is 12 times 7?"}],
+    [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Name a fruit."}],
+    [{"role": "user", "content": "Write a haiku about the ocean."}],
+]
+
+
+def _prompt_ids(tok) -> list[list[int]]:
+    ids = [tok(p)["input_ids"] for p in RAW_PROMPTS]
+    for chat in CHATS:
+        text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        ids.append(tok(text, add_special_tokens=False)["input_ids"])
+    return [list(x) for x in ids]
+
+
+def test_greedy_matches_transformers(engine, hf_smollm2):
+    prompts = _prompt_ids(engine.tokenizer)
+    assert len(prompts) >= 8
+    ours = run_all(engine, prompts, SamplingParams(max_new_tokens=32))
+    eos = list(engine.loaded.eos_token_ids)
+    for ids, got in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf_smollm2.generate(
+                torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=eos[0]
+            )
+        want = ref[0, len(ids) :].tolist()
+        assert got == want, f"prompt {engine.tokenizer.decode(ids)!r}: {got} != {want}"
+
+
+def _random_workload(engine, n: int, seed: int):
+    rng = random.Random(seed)
+    vocab = engine.loaded.config.vocab_size
+    special = set(engine.tokenizer.all_special_ids)
+    prompts, params = [], []
+    for _ in range(n):
+        length = rng.randint(3, 180)
+        prompts.append([t for t in (rng.randrange(vocab) for _ in range(length)) if t not in special] or [42])
+        params.append(SamplingParams(max_new_tokens=rng.randint(1, 20), ignore_eos=rng.random() < 0.5))
+    return prompts, params
+
+
+def test_batch_invariance_and_chunked_prefill(engine, make_engine):
+    prompts, params = _random_workload(engine, 32, seed=random.randrange(1 << 30))
+    together = run_all(engine, prompts, params)
+    alone = [run_all(engine, [p], [sp])[0] for p, sp in zip(prompts, params)]
+    for i, (t, a) in enumerate(zip(together, alone)):
+        assert t == a, f"request {i} differs in a batch"
+    assert [len(t) for t in together] == [
+        len(t) if t and t[-1] in engine.loaded.eos_token_ids else sp.max_new_tokens
+        for t, sp in zip(together, params)
+    ]
+    chunked_engine = make_engine(max_batch_prefill_tokens=32)
+    chunked = run_all(chunked_engine, prompts, params)
+    assert chunked == together
+    assert chunked_engine.allocator.is_full_free() and engine.allocator.is_full_free()
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(engine):
+    tok = engine.tokenizer
+    prompt = tok("Write a short poem about autumn leaves.")["input_ids"]
+    sp = SamplingParams(max_new_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    alone = run_all(engine, [prompt], [sp])[0]
+    others = [tok(t)["input_ids"] for t in ("Hello there", "The quick brown fox", "1, 2, 3,")]
+    mixed = run_all(
+        engine,
+        [others[0], prompt, others[1], others[2]],
+        [
+            SamplingParams(max_new_tokens=10),
+            sp,
+            SamplingParams(max_new_tokens=30, temperature=1.2, seed=7),
+            SamplingParams(max_new_tokens=5, repetition_penalty=1.3, frequency_penalty=0.5, top_n_tokens=3),
+        ],
+    )
+    assert mixed[1] == alone
+    other_seed = run_all(engine, [prompt], [dataclasses.replace(sp, seed=4321)])[0]
+    assert other_seed != alone
+
+
+def test_no_recompilation_after_warmup(engine):
+    from jax import monitoring
+
+    compiles = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if "compile" in event:
+            compiles.append(event)
+
+    monitoring.register_event_duration_secs_listener(listener)
+    before = engine.runner.num_compiled_programs
+    prompts, params = _random_workload(engine, 20, seed=3)
+    variants = [
+        SamplingParams(max_new_tokens=6, temperature=0.7, seed=1),
+        SamplingParams(max_new_tokens=6, temperature=0.7, top_k=5, top_p=0.8, typical_p=0.9),
+        SamplingParams(max_new_tokens=6, repetition_penalty=1.2, presence_penalty=0.4),
+        SamplingParams(max_new_tokens=6, top_n_tokens=3),
+        SamplingParams(max_new_tokens=6, temperature=0.5, frequency_penalty=1.0, top_n_tokens=2),
+    ]
+    run_all(engine, prompts + [prompts[0]] * len(variants), params + variants)
+    for i in range(1, 33, 7):  # single requests and odd batch sizes hit every request bucket
+        run_all(engine, prompts[:i], variants[i % len(variants)])
+    run_all(engine, [[7] * 250], SamplingParams(max_new_tokens=2))  # the largest prefill bucket
+    try:
+        assert compiles == [], f"{len(compiles)} compilations after warmup"
+        assert engine.runner.num_compiled_programs == before
+    finally:
+        monitoring._unregister_event_duration_listener_by_callback(listener)
+
+
+def test_no_page_leaks_with_preemption_stops_and_cancels(make_engine, engine):
+    small = make_engine(max_batch_total_tokens=640, max_total_tokens=256, max_batch_prefill_tokens=64)
+    prompts, _ = _random_workload(small, 14, seed=11)
+    prompts = [p[:120] for p in prompts]
+    params = [SamplingParams(max_new_tokens=60, ignore_eos=True) for _ in prompts]
+    params[3] = SamplingParams(max_new_tokens=60, stop=("e",))
+    params[5] = SamplingParams(max_new_tokens=60, stop=(" ", "a"))
+    reqs = [small.add_request(p, sp) for p, sp in zip(prompts, params)]
+    tokens = {r.request_id: [] for r in reqs}
+    reasons = {}
+    steps = 0
+    while small.has_unfinished():
+        for out in small.step():
+            tokens[out.request_id].extend(t.token_id for t in out.tokens)
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+        steps += 1
+        if steps == 5:
+            for r in (reqs[0], reqs[8]):
+                out = small.abort(r.request_id)
+                if out is not None:
+                    reasons[r.request_id] = out.finish_reason
+    assert small.allocator.is_full_free()
+    assert set(reasons) == {r.request_id for r in reqs}
+    assert reasons[reqs[0].request_id] == reasons[reqs[8].request_id] == "cancelled"
+    assert sum(r.num_preemptions for r in reqs) > 0, "the workload was meant to force preemption"
+    # A preempted request recomputes its KV and must continue exactly as it would have alone.
+    for r, sp in zip(reqs, params):
+        if r.num_preemptions and reasons[r.request_id] == "length":
+            assert tokens[r.request_id] == run_all(engine, [r.prompt_token_ids], [sp])[0]
+    assert any(v == "stop_sequence" for v in reasons.values())
