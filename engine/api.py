@@ -43,6 +43,9 @@ class RequestOutput:
     num_generated_tokens: int
     seed: int | None = None  # the seed actually used, for sampled requests
     stop_sequence: str | None = None
+    # Set on a request's first output when params.prompt_logprobs: one entry per prompt token, the
+    # first with logprob nan (nothing precedes it), as TGI's decoder_input_details reports.
+    prompt_tokens: tuple[TokenLogprob, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +72,9 @@ class EngineInfo:
     max_batch_total_tokens: int
     page_size: int
     max_top_n_tokens: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    tokenizer_dir: str  # a directory AutoTokenizer.from_pretrained loads quickly (tokenizer.json + config)
 
 
 class EngineClient(Protocol):

@@ -49,6 +49,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "max-top-n-tokens", int, 5, "most top-n alternatives a request may ask for")
     _flag(parser, "compilation-cache-dir", help="persistent XLA compilation cache directory")
     _flag(parser, "disable-chunked-prefill", bool, False, "prefill each prompt in one step")
+    _flag(parser, "disable-prefill-logprobs", bool, False, "don't compile the prompt-logprobs programs")
     _flag(parser, "json-output", bool, False, "log as JSON lines")
 
 
@@ -66,6 +67,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         memory_fraction=args.memory_fraction,
         max_top_n_tokens=args.max_top_n_tokens,
         enable_chunked_prefill=not args.disable_chunked_prefill,
+        enable_prefill_logprobs=not args.disable_prefill_logprobs,
         compilation_cache_dir=args.compilation_cache_dir,
     )
 
@@ -152,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--system", default=None, help="system message for --chat")
     gen.set_defaults(max_batch_size=_env("max-batch-size", 1, int))
+    from engine.launcher import add_serve_flags
+
+    srv = sub.add_parser("serve", help="serve the HTTP API: an engine process and a router process")
+    add_serve_flags(srv)
     args = parser.parse_args(argv)
     _setup_logging(args.json_output)
     from engine.models.loader import ModelLoadError
@@ -159,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            from engine.launcher import serve
+
+            return serve(args)
     except (ValueError, ModelLoadError) as e:
         # A user's mistake (bad flag value, missing model): one clear line, no traceback.
         print(f"tgx: error: {e}", file=sys.stderr)

@@ -27,6 +27,9 @@ class EngineConfig:
     memory_fraction: float = 0.9  # of device memory the weights, KV cache and activations may use
     max_top_n_tokens: int = 5
     enable_chunked_prefill: bool = True
+    # Prompt logprobs are computed 16 tokens at a time, so unlike TGI they cost no [T, V] buffer and
+    # can stay on; off, requests for them get an empty prefill list, as TGI does.
+    enable_prefill_logprobs: bool = True
     min_token_bucket: int = 16
     compilation_cache_dir: str | None = None
 

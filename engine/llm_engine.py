@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 
 import jax
@@ -85,9 +87,18 @@ class LLMEngine:
             ),
             self.allocator,
         )
-        self.runner = ModelRunner(loaded.model, self.limits, max_top_n_tokens=cfg.max_top_n_tokens)
+        self.runner = ModelRunner(
+            loaded.model,
+            self.limits,
+            max_top_n_tokens=cfg.max_top_n_tokens,
+            enable_prefill_logprobs=cfg.enable_prefill_logprobs,
+        )
         self.warmup_seconds = self.runner.warmup(progress)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        # Prompt logprobs gathered chunk by chunk until the request's first output carries them.
+        self._prompt_logprobs: dict[str, list[float]] = {}
+        self._tokenizer_dir = tempfile.TemporaryDirectory(prefix="tgx-tokenizer-")
+        self.tokenizer.save_pretrained(self._tokenizer_dir.name)
         self._ids = itertools.count()
         self._special_ids = frozenset(self.tokenizer.all_special_ids)
         self.info = EngineInfo(
@@ -100,6 +111,9 @@ class LLMEngine:
             max_batch_total_tokens=self.limits.kv_capacity_tokens,
             page_size=self.limits.page_size,
             max_top_n_tokens=cfg.max_top_n_tokens,
+            vocab_size=mc.vocab_size,
+            eos_token_ids=tuple(loaded.eos_token_ids),
+            tokenizer_dir=self._tokenizer_dir.name,
         )
 
     # ---- admission ---------------------------------------------------------------------------
@@ -143,6 +157,8 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = Request.create(request_id, ids, params, frozenset(self.loaded.eos_token_ids))
         self.scheduler.add_request(req)
+        if params.prompt_logprobs and self.cfg.enable_prefill_logprobs:
+            self._prompt_logprobs[request_id] = [math.nan]  # nothing precedes the first prompt token
         self._detokenizers[request_id] = IncrementalDetokenizer(
             self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop
         )
@@ -151,6 +167,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.scheduler.abort_request(request_id)
         self._detokenizers.pop(request_id, None)
+        self._prompt_logprobs.pop(request_id, None)
         if req is None:
             return None
         return self._output(req, (), "", FinishReason.CANCELLED, None)
@@ -174,6 +191,8 @@ class LLMEngine:
             return []
         result = self.runner.execute(schedule)
         row_of = {id(chunk.request): row for row, chunk in enumerate(schedule.chunks)}
+        if result.next_token_logprobs is not None:
+            self._collect_prompt_logprobs(schedule, result.next_token_logprobs)
         outputs = []
         for update in self.scheduler.update(schedule, result.tokens.tolist()):
             if update.new_token is None:
@@ -195,8 +214,30 @@ class LLMEngine:
             )
             if reason is not None:
                 self._detokenizers.pop(req.request_id, None)
-            outputs.append(self._output(req, (token,), piece.text, reason, piece.stop_sequence))
+            out = self._output(req, (token,), piece.text, reason, piece.stop_sequence)
+            prompt_lps = self._prompt_logprobs.pop(req.request_id, None)
+            if prompt_lps is not None:
+                out = dataclasses.replace(out, prompt_tokens=self._prompt_tokens(req, prompt_lps))
+            outputs.append(out)
         return outputs
+
+    def _collect_prompt_logprobs(self, schedule, next_token_logprobs) -> None:
+        offset = 0
+        for chunk in schedule.chunks:
+            req = chunk.request
+            lps = self._prompt_logprobs.get(req.request_id)
+            # lps holds prompt tokens [0, len); the next one needed follows position len - 1. Taking
+            # only from there on keeps a recompute after preemption from adding entries twice.
+            first = len(lps) - 1 if lps is not None else -1
+            if chunk.start <= first < chunk.start + chunk.num_tokens:
+                upto = min(chunk.start + chunk.num_tokens, req.num_prompt_tokens - 1)
+                lps.extend(next_token_logprobs[offset + first - chunk.start : offset + upto - chunk.start].tolist())
+            offset += chunk.num_tokens
+
+    def _prompt_tokens(self, req: Request, lps: list[float]) -> tuple[TokenLogprob, ...]:
+        ids = req.prompt_token_ids
+        texts = self.tokenizer.batch_decode([[i] for i in ids])
+        return tuple(TokenLogprob(i, t, lp) for i, t, lp in zip(ids, texts, lps))
 
     def _top(self, result, row: int, n: int) -> tuple[TokenLogprob, ...]:
         if n == 0:

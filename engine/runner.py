@@ -49,6 +49,9 @@ class StepOutput:
     logprobs: np.ndarray  # [C] float32
     top_ids: np.ndarray  # [C, n] int32
     top_logprobs: np.ndarray  # [C, n] float32
+    # [T] float32 when some chunk asked for prompt logprobs: entry i is the logprob of the token
+    # following flat token i (the runner's targets), in the order the chunks were laid out.
+    next_token_logprobs: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +67,27 @@ def _forward(graphdef, treedef, leaves, kv_caches, input_ids, md, logits_indices
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     with jax.named_scope("forward"):
         hidden, kv_caches = model(input_ids, kv_caches, md)  # [T, D]
-    return hidden[logits_indices], kv_caches  # [R_max, D]
+    return hidden[logits_indices], hidden, kv_caches  # [R_max, D], [T, D]
+
+
+_PROMPT_LOGPROB_CHUNK = 16  # tokens per lm_head slice: bounds the [chunk, V] logits held at once
+
+
+def _prompt_logprobs(graphdef, treedef, leaves, hidden, targets):
+    """log p(targets[t] | tokens <= t) for every flat token t. [T] f32."""
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    t = hidden.shape[0]
+    pad = -t % _PROMPT_LOGPROB_CHUNK
+    hidden = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, _PROMPT_LOGPROB_CHUNK, hidden.shape[-1])
+    targets = jnp.pad(targets, (0, pad)).reshape(-1, _PROMPT_LOGPROB_CHUNK)
+
+    def one(args):
+        h, tgt = args  # [C, D], [C]
+        logits = model.compute_logits(h)  # [C, V] float32
+        return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tgt[:, None], -1)[:, 0]
+
+    with jax.named_scope("prompt_logprobs"):
+        return jax.lax.map(one, (hidden, targets)).reshape(-1)[:t]
 
 
 def _sample(graphdef, treedef, leaves, hidden_last, smd, *, num_rows, variant):
@@ -82,10 +105,13 @@ def _sample(graphdef, treedef, leaves, hidden_last, smd, *, num_rows, variant):
 
 
 class ModelRunner:
-    def __init__(self, model: nnx.Module, limits: Limits, *, max_top_n_tokens: int) -> None:
+    def __init__(
+        self, model: nnx.Module, limits: Limits, *, max_top_n_tokens: int, enable_prefill_logprobs: bool = False
+    ) -> None:
         self.config = model.config
         self.limits = limits
         self.max_top_n_tokens = max_top_n_tokens
+        self.enable_prefill_logprobs = enable_prefill_logprobs
         graphdef, state = nnx.split(model)
         # Flattened once: re-walking the state pytree on every call costs host time per step.
         leaves, treedef = jax.tree.flatten(state)
@@ -98,7 +124,9 @@ class ModelRunner:
         self._sample_jit = jax.jit(
             functools.partial(_sample, graphdef, treedef), static_argnames=("num_rows", "variant")
         )
+        self._prompt_jit = jax.jit(functools.partial(_prompt_logprobs, graphdef, treedef))
         self._forward_programs: dict[int, jax.stages.Compiled] = {}
+        self._prompt_programs: dict[int, jax.stages.Compiled] = {}
         self._sample_programs: dict[tuple[int, SampleVariant], jax.stages.Compiled] = {}
         self._history_len = limits.max_total_tokens
 
@@ -111,7 +139,7 @@ class ModelRunner:
 
     @property
     def num_compiled_programs(self) -> int:
-        return len(self._forward_programs) + len(self._sample_programs)
+        return len(self._forward_programs) + len(self._sample_programs) + len(self._prompt_programs)
 
     def sample_variants(self) -> list[SampleVariant]:
         tops = sorted({0, self.max_top_n_tokens})
@@ -123,11 +151,17 @@ class ModelRunner:
         jobs = [("forward", t) for t in self.limits.token_buckets] + [
             ("sample", (r, v)) for r in self.limits.request_buckets for v in self.sample_variants()
         ]
+        if self.enable_prefill_logprobs:
+            jobs += [("prompt_logprobs", t) for t in self.limits.token_buckets]
         for i, (kind, key) in enumerate(jobs):
             if progress:
                 progress(i, len(jobs), f"compiling {kind} {key}")
             if kind == "forward":
                 self._forward_programs[key] = self._compile_forward(key)
+            elif kind == "prompt_logprobs":
+                hidden = jax.ShapeDtypeStruct((key, self.config.hidden_size), self.kv_dtype)
+                targets = jax.ShapeDtypeStruct((key,), jnp.int32)
+                self._prompt_programs[key] = self._prompt_jit.lower(self._leaves, hidden, targets).compile()
             else:
                 self._sample_programs[key] = self._compile_sample(*key)
         if progress:
@@ -172,6 +206,10 @@ class ModelRunner:
         page_table = np.zeros((r_max, self.limits.max_pages_per_seq), np.int32)
         seq_lens = np.zeros(r_max, np.int32)
         logits_indices = np.zeros(r_max, np.int32)
+        want_prompt = self.enable_prefill_logprobs and any(
+            c.request.params.prompt_logprobs and c.start < c.request.num_prompt_tokens for c in chunks
+        )
+        targets = np.zeros(t_pad, np.int32) if want_prompt else None
         offset = 0
         for row, chunk in enumerate(chunks):
             req, n = chunk.request, chunk.num_tokens
@@ -184,6 +222,9 @@ class ModelRunner:
             token_seq[span] = row
             page_table[row, : len(pages)] = pages
             seq_lens[row] = chunk.start + n
+            if targets is not None:
+                following = req.all_token_ids[chunk.start + 1 : chunk.start + n + 1]
+                targets[offset : offset + len(following)] = following
             offset += n
             logits_indices[row] = offset - 1
         # Padding tokens keep position 0 / slot 0: they write into the reserved page 0.
@@ -194,15 +235,19 @@ class ModelRunner:
         smd = sampling.build_sampling_metadata(rows, r_pad, history)
 
         forward = self._forward_programs[t_pad]
-        hidden_last, self._kv_caches = forward(self._leaves, self._kv_caches, input_ids, md, logits_indices)
+        hidden_last, hidden, self._kv_caches = forward(self._leaves, self._kv_caches, input_ids, md, logits_indices)
         out = self._sample_programs[(r_pad, variant)](self._leaves, hidden_last, smd)
-        out = jax.device_get(out)
+        prompt_lp = None
+        if targets is not None:
+            prompt_lp = self._prompt_programs[t_pad](self._leaves, hidden, targets)
+        out, prompt_lp = jax.device_get((out, prompt_lp))
         n = len(chunks)
         return StepOutput(
             tokens=np.asarray(out.tokens[:n]),
             logprobs=np.asarray(out.logprobs[:n]),
             top_ids=np.asarray(out.top_ids[:n]),
             top_logprobs=np.asarray(out.top_logprobs[:n]),
+            next_token_logprobs=None if prompt_lp is None else np.asarray(prompt_lp[:num_tokens]),
         )
 
     def _sampling_rows(self, schedule: Schedule) -> tuple[list[sampling.SamplingRow], SampleVariant]:

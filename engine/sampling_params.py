@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 
+MAX_LOGIT_BIAS = 300  # OpenAI's cap; fixes the sampler's static bias width
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 100
@@ -25,6 +28,8 @@ class SamplingParams:
     ignore_eos: bool = False
     top_n_tokens: int = 0  # logprobs of this many most likely alternatives per step
     skip_special_tokens: bool = True
+    prompt_logprobs: bool = False  # logprob of every prompt token (TGI's decoder_input_details)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), OpenAI-style
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -50,6 +55,10 @@ class SamplingParams:
             bad("`top_n_tokens` must be non-negative")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             bad("`seed` must be a non-negative 64-bit integer")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            bad(f"`logit_bias` may name at most {MAX_LOGIT_BIAS} tokens")
+        if any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):
+            bad("`logit_bias` values must be >= -100 and <= 100")
         if any(not s for s in self.stop):
             bad("stop sequences must be non-empty strings")
 
@@ -59,6 +68,10 @@ class SamplingParams:
 
     @property
     def uses_penalties(self) -> bool:
+        """Whether the sampler needs the token history and logit bias (one compiled variant for both)."""
         return (
-            self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+            or bool(self.logit_bias)
         )

@@ -1,0 +1,322 @@
+"""The engine server process: one LLMEngine behind gRPC (grpc.aio) on a Unix socket.
+
+Owns: the engine's loop thread (the only thread that touches the LLMEngine; commands reach it
+through one queue and are applied between steps), per-step publishing (ONE StepEvent per engine step
+holding every RequestOutput of that step, plus the step's stats, to each Events subscriber), and
+the process entry point `python -m engine.rpc.server --socket PATH [engine flags]`.
+Must not: send one message per token per request, or leave requests running once no client listens.
+This is the only process of tgx that imports jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+
+from engine.api import RequestOutput
+from engine.rpc import codec
+from engine.rpc import engine_pb2 as pb
+from engine.rpc import engine_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tgx.engine.server")
+
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+Publish = Callable[[list[RequestOutput], codec.StepStats], None]
+
+
+class EngineLoop:
+    """Runs engine.step() on its own thread; `publish` gets each step's outputs (on that thread)."""
+
+    def __init__(self, engine, publish: Publish, on_failure: Callable[[BaseException], None]) -> None:
+        self.engine = engine
+        self._publish = publish
+        self._on_failure = on_failure
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopped = threading.Event()
+        self._steps = 0
+        self.error: BaseException | None = None
+        self.stats = self._snapshot(0, 0.0)
+        self._thread = threading.Thread(target=self._run, name="tgx-engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def add(self, request_id: str, ids: list[int], params) -> concurrent.futures.Future:
+        return self._command("add", request_id, ids, params)
+
+    def cancel(self, request_id: str) -> concurrent.futures.Future:
+        return self._command("cancel", request_id)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopped.set()
+        self._commands.put(("wake", concurrent.futures.Future()))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _command(self, kind: str, *args) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self.error is not None:
+            fut.set_exception(RuntimeError(f"engine failed: {self.error!r}"))
+        else:
+            self._commands.put((kind, fut, *args))
+        return fut
+
+    # ---- the loop thread ------------------------------------------------------------------------
+
+    def _apply(self, command: tuple, out: list[RequestOutput]) -> None:
+        kind, fut = command[0], command[1]
+        try:
+            if kind == "add":
+                _, _, request_id, ids, params = command
+                self.engine.add_request(ids, params, request_id=request_id)
+                fut.set_result(True)
+            elif kind == "cancel":
+                cancelled = self.engine.abort(command[2])
+                if cancelled is not None:
+                    out.append(cancelled)  # so a client still listening sees its stream end
+                fut.set_result(cancelled is not None)
+            else:
+                fut.set_result(None)
+        except ValueError as e:
+            fut.set_exception(e)
+
+    def _snapshot(self, batch_size: int, seconds: float) -> codec.StepStats:
+        s = self.engine.stats()
+        return codec.StepStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_cache_usage=s.kv_cache_usage,
+            num_compiled_programs=s.num_compiled_programs,
+            batch_size=batch_size,
+            step_seconds=seconds,
+            step_index=self._steps,
+        )
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                outputs: list[RequestOutput] = []
+                # Block for work when idle; otherwise take whatever arrived during the last step.
+                idle = not self.engine.has_unfinished()
+                try:
+                    self._apply(self._commands.get(timeout=0.5) if idle else self._commands.get_nowait(), outputs)
+                    while True:
+                        self._apply(self._commands.get_nowait(), outputs)
+                except queue.Empty:
+                    pass
+                seconds, stepped = 0.0, []
+                if self.engine.has_unfinished():
+                    start = time.perf_counter()
+                    stepped = self.engine.step()
+                    seconds = time.perf_counter() - start
+                    self._steps += 1
+                outputs.extend(stepped)
+                self.stats = self._snapshot(len(stepped), seconds)
+                if outputs:
+                    self._publish(outputs, self.stats)
+        except BaseException as e:  # noqa: BLE001 - the engine is dead; the server reports it and exits
+            log.exception("engine loop failed")
+            self.error = e
+            self._on_failure(e)
+
+
+class EngineService(pb_grpc.EngineServicer):
+    """The RPCs. Lives on the asyncio loop; talks to the engine only through EngineLoop."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self._aio = asyncio.get_running_loop()
+        self._subscribers: set[asyncio.Queue] = set()
+        self._inflight: set[str] = set()
+        self.failure: str | None = None
+        self.done = asyncio.Event()  # set when the engine loop dies: the process should exit
+        self.loop = EngineLoop(
+            engine,
+            publish=lambda outs, stats: self._aio.call_soon_threadsafe(self._publish, outs, stats),
+            on_failure=lambda e: self._aio.call_soon_threadsafe(self._fail, f"engine failed: {e!r}"),
+        )
+        self.loop.start()
+
+    # ---- asyncio side of publishing -----------------------------------------------------------
+
+    def _publish(self, outputs: list[RequestOutput], stats: codec.StepStats) -> None:
+        for o in outputs:
+            if o.finished:
+                self._inflight.discard(o.request_id)
+        event = codec.event_to_pb(outputs, stats)  # encoded once, shared by every subscriber
+        for q in self._subscribers:
+            q.put_nowait(event)
+
+    def _fail(self, reason: str) -> None:
+        self.failure = reason
+        for q in self._subscribers:
+            q.put_nowait(reason)
+        self.done.set()
+
+    def close_streams(self) -> None:
+        for q in self._subscribers:
+            q.put_nowait(None)
+
+    # ---- RPCs -----------------------------------------------------------------------------------
+
+    async def Info(self, request, context):
+        return codec.info_to_pb(self.engine.info)
+
+    async def Health(self, request, context):
+        if self.failure is not None:
+            return pb.HealthResponse(healthy=False, reason=self.failure)
+        if not self.loop.is_alive():
+            return pb.HealthResponse(healthy=False, reason="engine loop is not running")
+        return pb.HealthResponse(healthy=True)
+
+    async def Stats(self, request, context):
+        return codec.stats_to_pb(self.loop.stats)
+
+    async def Tokenize(self, request, context):
+        ids = await asyncio.to_thread(
+            lambda: list(self.engine.tokenizer(request.text, add_special_tokens=request.add_special_tokens)["input_ids"])
+        )
+        return pb.TokenizeResponse(ids=ids)
+
+    async def Submit(self, request, context):
+        if self.failure is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.failure)
+        request_id = request.request_id
+        if not request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+        prompt = codec.submit_prompt(request)
+        try:
+            params = codec.params_from_pb(request.params)
+            # Tokenizing a long text off the event loop keeps other RPCs and the Events stream moving.
+            if isinstance(prompt, str):
+                ids = await asyncio.to_thread(self.engine.validate, prompt, params)
+            else:
+                ids = self.engine.validate(prompt, params)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if request_id in self._inflight:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request id {request_id!r} is already in use")
+        self._inflight.add(request_id)
+        try:
+            await asyncio.wrap_future(self.loop.add(request_id, ids, params))
+        except ValueError as e:
+            self._inflight.discard(request_id)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except RuntimeError as e:
+            self._inflight.discard(request_id)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        return pb.SubmitResponse(num_prompt_tokens=len(ids))
+
+    async def Cancel(self, request, context):
+        try:
+            found = await asyncio.wrap_future(self.loop.cancel(request.request_id))
+        except RuntimeError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        return pb.CancelResponse(found=bool(found))
+
+    async def Events(self, request, context):
+        q: asyncio.Queue = asyncio.Queue()
+        self._subscribers.add(q)
+        try:
+            yield codec.event_to_pb([], self.loop.stats)  # tells the client its subscription is live
+            while True:
+                item = await q.get()
+                if item is None:  # shutting down
+                    return
+                if isinstance(item, str):
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, item)
+                yield item
+        finally:
+            self._subscribers.discard(q)
+            if not self._subscribers and self._inflight and self.failure is None:
+                # The router is gone: nobody will read these requests' tokens, so free their pages.
+                log.warning("last Events subscriber left; cancelling %d requests", len(self._inflight))
+                for request_id in list(self._inflight):
+                    self.loop.cancel(request_id)
+
+
+async def serve(engine, socket_path: str) -> int:
+    """Serves until SIGINT/SIGTERM (returns 0) or until the engine loop dies (returns 1)."""
+    if os.path.exists(socket_path):
+        os.unlink(socket_path)  # a stale socket from a killed run
+    service = EngineService(engine)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    pb_grpc.add_EngineServicer_to_server(service, server)
+    server.add_insecure_port(f"unix:{socket_path}")
+    await server.start()
+    stop = asyncio.Event()
+    aio = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        aio.add_signal_handler(sig, stop.set)
+    log.info("engine ready: serving %s on unix:%s", engine.info.model_id, socket_path)
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(service.done.wait())]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for w in waiters:
+        w.cancel()
+    failed = service.failure is not None
+    log.info("engine server stopping%s", f" ({service.failure})" if failed else "")
+    service.close_streams()
+    await server.stop(grace=1.0)
+    await asyncio.to_thread(service.loop.stop)
+    try:
+        os.unlink(socket_path)
+    except FileNotFoundError:
+        pass
+    return 1 if failed else 0
+
+
+def default_socket_path() -> str:
+    return os.path.join(tempfile.mkdtemp(prefix="tgx-"), "engine.sock")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.cli import ProgressLine, _setup_logging, add_engine_flags, engine_config
+
+    parser = argparse.ArgumentParser(prog="python -m engine.rpc.server", description="tgx engine server")
+    add_engine_flags(parser)
+    parser.add_argument("--socket", default=None, help="Unix socket path (default: a new temp dir)")
+    args = parser.parse_args(argv)
+    _setup_logging(args.json_output)
+    socket_path = args.socket or default_socket_path()
+    # Until the asyncio loop takes over signals, SIGTERM ends the (possibly long) load cleanly.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        cfg = engine_config(args)
+        if cfg.compilation_cache_dir:
+            import jax
+
+            jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
+        from engine.llm_engine import LLMEngine
+        from engine.models.loader import ModelLoadError
+
+        try:
+            engine = LLMEngine(cfg, progress=ProgressLine())
+        except ModelLoadError as e:
+            raise ValueError(str(e)) from None
+    except ValueError as e:
+        # A user's mistake (bad flag value, missing model): one clear line, no traceback.
+        print(f"tgx engine: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return asyncio.run(serve(engine, socket_path))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
