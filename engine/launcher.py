@@ -44,7 +44,9 @@ def _env(name: str, default=None, cast=str):
 def add_router_flags(parser: argparse.ArgumentParser) -> None:
     def flag(name: str, cast=str, default=None, help: str = "") -> None:
         env = name.upper().replace("-", "_")
-        parser.add_argument(f"--{name}", type=cast, default=_env(name, default, cast), help=f"{help} [env {env}]")
+        parser.add_argument(
+            f"--{name}", type=cast, default=_env(name, default, cast), help=f"{help} [env {env}]"
+        )
 
     flag("hostname", str, "0.0.0.0", "address the HTTP server binds")
     flag("port", int, 3000, "HTTP port")
@@ -62,7 +64,11 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
     flag("payload-limit", int, 2_000_000, "largest request body in bytes")
     flag("otlp-endpoint", str, None, "OTLP gRPC endpoint for traces")
     flag("otlp-service-name", str, "tgx.router", "service.name of exported traces")
-    parser.add_argument("--engine-socket", default=_env("engine-socket"), help="engine Unix socket (default: new temp dir) [env ENGINE_SOCKET]")
+    parser.add_argument(
+        "--engine-socket",
+        default=_env("engine-socket"),
+        help="engine Unix socket (default: new temp dir) [env ENGINE_SOCKET]",
+    )
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -126,6 +132,15 @@ def plan(args: argparse.Namespace, router_module: str = "router", python: str = 
     return LaunchPlan(socket_path, tuple(engine_cmd), tuple(router_cmd), router_env, temp_dir)
 
 
+def _how(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"code {rc} (killed by {signal.Signals(-rc).name})"
+        except ValueError:
+            pass
+    return f"code {rc}"
+
+
 def _exit_code(rc: int) -> int:
     """A child's status as ours: never 0 for a child that died, 128+N for a signal like a shell."""
     return rc if rc > 0 else (128 - rc if rc < 0 else 1)
@@ -151,13 +166,15 @@ def run(p: LaunchPlan, poll_s: float = 0.2) -> int:
     if os.path.exists(p.socket_path):
         os.unlink(p.socket_path)  # stale, from a killed run: it must not pass for the new engine's
     try:
-        engine = subprocess.Popen(p.engine_cmd)  # stderr inherited: its loading/compiling progress shows as is
+        engine = subprocess.Popen(
+            p.engine_cmd
+        )  # stderr inherited: its loading/compiling progress shows as is
         log.info("engine process started (pid %d), loading the model", engine.pid)
         while not os.path.exists(p.socket_path):  # the server binds its socket once the model is warm
             if signals:
                 return 0
             if (rc := engine.poll()) is not None:
-                log.error("engine process exited with code %d before it was ready", rc)
+                log.error("engine process exited with %s before it was ready", _how(rc))
                 return _exit_code(rc)
             time.sleep(poll_s)
         router = subprocess.Popen(p.router_cmd, env={**os.environ, **p.router_env})
@@ -167,10 +184,10 @@ def run(p: LaunchPlan, poll_s: float = 0.2) -> int:
                 log.info("stopping on signal %d", signals[0])
                 return 0
             if (rc := engine.poll()) is not None:
-                log.error("engine process exited with code %d; stopping the router", rc)
+                log.error("engine process exited with %s; stopping the router", _how(rc))
                 return _exit_code(rc)
             if (rc := router.poll()) is not None:
-                log.error("router process exited with code %d; stopping the engine", rc)
+                log.error("router process exited with %s; stopping the engine", _how(rc))
                 return _exit_code(rc)
             time.sleep(poll_s)
     finally:

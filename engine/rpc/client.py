@@ -46,9 +46,11 @@ class Health:
 
 
 class RemoteEngine:
-    """Use `await RemoteEngine.connect(path)` inside the event loop that will call it; `close()` at the end."""
+    """`await RemoteEngine.connect(path)` in the event loop that will use it; `await close()` at the end."""
 
-    def __init__(self, channel: grpc.aio.Channel, info: EngineInfo, on_step: Callable[[StepStats], None] | None):
+    def __init__(
+        self, channel: grpc.aio.Channel, info: EngineInfo, on_step: Callable[[StepStats], None] | None
+    ):
         self._channel = channel
         self._stub = pb_grpc.EngineStub(channel)
         self.info = info
@@ -64,7 +66,9 @@ class RemoteEngine:
     async def connect(
         cls, socket_path: str, timeout: float = 60.0, on_step: Callable[[StepStats], None] | None = None
     ) -> RemoteEngine:
-        """Waits up to `timeout` s for the server, then subscribes to Events; EngineUnavailableError if it never answers.
+        """Waits up to `timeout` s for the server, then subscribes to Events.
+
+        EngineUnavailableError if no engine answers in time.
 
         `on_step` is called (on the event loop) with every step's StepStats, e.g. for metrics.
         """
@@ -106,7 +110,7 @@ class RemoteEngine:
         reason = "the engine closed its event stream"
         try:
             while True:
-                # read(), not `async for`: grpc.aio forbids mixing the two on one call (_subscribe used read()).
+                # read(), not `async for`: grpc.aio forbids mixing the two on one call.
                 event = await self._events.read()
                 if event is grpc.aio.EOF:
                     break
@@ -157,12 +161,16 @@ class RemoteEngine:
         finished = rejected = False
         try:
             try:
-                await self._stub.Submit(codec.submit_request(request_id, prompt, params), timeout=RPC_TIMEOUT_S)
+                await self._stub.Submit(
+                    codec.submit_request(request_id, prompt, params), timeout=RPC_TIMEOUT_S
+                )
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     rejected = True
                     raise ValueError(e.details()) from None
-                raise EngineUnavailableError(f"engine did not accept the request: {e.code().name}: {e.details()}") from None
+                raise EngineUnavailableError(
+                    f"engine did not accept the request: {e.code().name}: {e.details()}"
+                ) from None
             while not finished:
                 item = await q.get()
                 if isinstance(item, BaseException):

@@ -1,4 +1,6 @@
-"""Regenerates engine_pb2.py and engine_pb2_grpc.py from engine.proto (committed, so runtime needs no grpcio-tools).
+"""Regenerates engine_pb2.py and engine_pb2_grpc.py from engine.proto.
+
+The stubs are committed, so running tgx needs no grpcio-tools.
 
 Owns: the one protoc invocation. Must not: run at import time anywhere; it is a developer command:
 

@@ -1,9 +1,8 @@
 """The engine server process: one LLMEngine behind gRPC (grpc.aio) on a Unix socket.
 
-Owns: the engine's loop thread (the only thread that touches the LLMEngine; commands reach it
-through one queue and are applied between steps), per-step publishing (ONE StepEvent per engine step
-holding every RequestOutput of that step, plus the step's stats, to each Events subscriber), and
-the process entry point `python -m engine.rpc.server --socket PATH [engine flags]`.
+Owns: the RPCs over the engine's loop thread (engine.rpc.engine_loop), per-step publishing (ONE
+StepEvent per engine step holding every RequestOutput of that step, plus the step's stats, to each
+Events subscriber), and the process entry point `python -m engine.rpc.server --socket PATH [engine flags]`.
 Must not: send one message per token per request, or leave requests running once no client listens.
 This is the only process of tgx that imports jax.
 """
@@ -12,16 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import logging
 import os
-import queue
 import signal
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 
 import grpc
 
@@ -29,111 +24,12 @@ from engine.api import RequestOutput
 from engine.rpc import codec
 from engine.rpc import engine_pb2 as pb
 from engine.rpc import engine_pb2_grpc as pb_grpc
+from engine.rpc.engine_loop import EngineLoop
 
 log = logging.getLogger("tgx.engine.server")
 
+STALL_S = 120.0  # a loop iteration this long means the engine is stuck: Health says so
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-
-Publish = Callable[[list[RequestOutput], codec.StepStats], None]
-
-
-class EngineLoop:
-    """Runs engine.step() on its own thread; `publish` gets each step's outputs (on that thread)."""
-
-    def __init__(self, engine, publish: Publish, on_failure: Callable[[BaseException], None]) -> None:
-        self.engine = engine
-        self._publish = publish
-        self._on_failure = on_failure
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._stopped = threading.Event()
-        self._steps = 0
-        self.error: BaseException | None = None
-        self.stats = self._snapshot(0, 0.0)
-        self._thread = threading.Thread(target=self._run, name="tgx-engine-loop", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def is_alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
-
-    def add(self, request_id: str, ids: list[int], params) -> concurrent.futures.Future:
-        return self._command("add", request_id, ids, params)
-
-    def cancel(self, request_id: str) -> concurrent.futures.Future:
-        return self._command("cancel", request_id)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self._stopped.set()
-        self._commands.put(("wake", concurrent.futures.Future()))
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _command(self, kind: str, *args) -> concurrent.futures.Future:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        if self.error is not None:
-            fut.set_exception(RuntimeError(f"engine failed: {self.error!r}"))
-        else:
-            self._commands.put((kind, fut, *args))
-        return fut
-
-    # ---- the loop thread ------------------------------------------------------------------------
-
-    def _apply(self, command: tuple, out: list[RequestOutput]) -> None:
-        kind, fut = command[0], command[1]
-        try:
-            if kind == "add":
-                _, _, request_id, ids, params = command
-                self.engine.add_request(ids, params, request_id=request_id)
-                fut.set_result(True)
-            elif kind == "cancel":
-                cancelled = self.engine.abort(command[2])
-                if cancelled is not None:
-                    out.append(cancelled)  # so a client still listening sees its stream end
-                fut.set_result(cancelled is not None)
-            else:
-                fut.set_result(None)
-        except ValueError as e:
-            fut.set_exception(e)
-
-    def _snapshot(self, batch_size: int, seconds: float) -> codec.StepStats:
-        s = self.engine.stats()
-        return codec.StepStats(
-            num_running=s.num_running,
-            num_waiting=s.num_waiting,
-            kv_cache_usage=s.kv_cache_usage,
-            num_compiled_programs=s.num_compiled_programs,
-            batch_size=batch_size,
-            step_seconds=seconds,
-            step_index=self._steps,
-        )
-
-    def _run(self) -> None:
-        try:
-            while not self._stopped.is_set():
-                outputs: list[RequestOutput] = []
-                # Block for work when idle; otherwise take whatever arrived during the last step.
-                idle = not self.engine.has_unfinished()
-                try:
-                    self._apply(self._commands.get(timeout=0.5) if idle else self._commands.get_nowait(), outputs)
-                    while True:
-                        self._apply(self._commands.get_nowait(), outputs)
-                except queue.Empty:
-                    pass
-                seconds, stepped = 0.0, []
-                if self.engine.has_unfinished():
-                    start = time.perf_counter()
-                    stepped = self.engine.step()
-                    seconds = time.perf_counter() - start
-                    self._steps += 1
-                outputs.extend(stepped)
-                self.stats = self._snapshot(len(stepped), seconds)
-                if outputs:
-                    self._publish(outputs, self.stats)
-        except BaseException as e:  # noqa: BLE001 - the engine is dead; the server reports it and exits
-            log.exception("engine loop failed")
-            self.error = e
-            self._on_failure(e)
 
 
 class EngineService(pb_grpc.EngineServicer):
@@ -183,6 +79,8 @@ class EngineService(pb_grpc.EngineServicer):
             return pb.HealthResponse(healthy=False, reason=self.failure)
         if not self.loop.is_alive():
             return pb.HealthResponse(healthy=False, reason="engine loop is not running")
+        if (stalled := time.monotonic() - self.loop.last_progress) > STALL_S:
+            return pb.HealthResponse(healthy=False, reason=f"engine step running for {stalled:.0f} s")
         return pb.HealthResponse(healthy=True)
 
     async def Stats(self, request, context):
@@ -190,13 +88,19 @@ class EngineService(pb_grpc.EngineServicer):
 
     async def Tokenize(self, request, context):
         ids = await asyncio.to_thread(
-            lambda: list(self.engine.tokenizer(request.text, add_special_tokens=request.add_special_tokens)["input_ids"])
+            lambda: list(
+                self.engine.tokenizer(request.text, add_special_tokens=request.add_special_tokens)[
+                    "input_ids"
+                ]
+            )
         )
         return pb.TokenizeResponse(ids=ids)
 
     async def Submit(self, request, context):
         if self.failure is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, self.failure)
+        if not self._subscribers:  # its outputs would go nowhere and its pages would never be freed
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "open the Events stream before Submit")
         request_id = request.request_id
         if not request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
@@ -211,7 +115,9 @@ class EngineService(pb_grpc.EngineServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if request_id in self._inflight:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request id {request_id!r} is already in use")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"request id {request_id!r} is already in use"
+            )
         self._inflight.add(request_id)
         try:
             await asyncio.wrap_future(self.loop.add(request_id, ids, params))
@@ -251,8 +157,11 @@ class EngineService(pb_grpc.EngineServicer):
                     self.loop.cancel(request_id)
 
 
-async def serve(engine, socket_path: str) -> int:
-    """Serves until SIGINT/SIGTERM (returns 0) or until the engine loop dies (returns 1)."""
+async def serve(engine, socket_path: str, stop: asyncio.Event | None = None) -> int:
+    """Serves until SIGINT/SIGTERM or `stop` is set (returns 0), or until the engine loop dies (returns 1).
+
+    `engine` is an LLMEngine, or anything with its admission/step/stats methods (tests pass a fake).
+    """
     if os.path.exists(socket_path):
         os.unlink(socket_path)  # a stale socket from a killed run
     service = EngineService(engine)
@@ -260,10 +169,10 @@ async def serve(engine, socket_path: str) -> int:
     pb_grpc.add_EngineServicer_to_server(service, server)
     server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
-    stop = asyncio.Event()
-    aio = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        aio.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     log.info("engine ready: serving %s on unix:%s", engine.info.model_id, socket_path)
     waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(service.done.wait())]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
