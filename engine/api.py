@@ -77,6 +77,19 @@ class EngineInfo:
     tokenizer_dir: str  # a directory AutoTokenizer.from_pretrained loads quickly (tokenizer.json + config)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepStats:
+    """The engine's state after one step (or at subscription time, with step_seconds 0)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_compiled_programs: int = 0
+    batch_size: int = 0  # requests that produced a token in the step
+    step_seconds: float = 0.0
+    step_index: int = 0
+
+
 class EngineClient(Protocol):
     info: EngineInfo
 

@@ -21,7 +21,7 @@ from engine.api import EngineInfo, RequestOutput
 from engine.rpc import codec
 from engine.rpc import engine_pb2 as pb
 from engine.rpc import engine_pb2_grpc as pb_grpc
-from engine.rpc.codec import StepStats
+from engine.api import StepStats
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger("tgx.engine.client")

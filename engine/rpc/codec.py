@@ -1,7 +1,7 @@
 """Conversions between the engine's records and their protobuf messages.
 
-Owns: SamplingParams, EngineInfo, RequestOutput and step statistics <-> protobuf, and StepStats, the
-per-step numbers the router's metrics report. Must not: import jax or grpc; both processes use it.
+Owns: SamplingParams, EngineInfo, RequestOutput and StepStats (engine.api) <-> protobuf.
+Must not: import jax or grpc; both processes use it.
 Optional proto fields map to None so a missing seed or finish reason round-trips exactly.
 """
 
@@ -10,22 +10,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from engine.api import EngineInfo, GeneratedToken, RequestOutput, TokenLogprob
+from engine.api import EngineInfo, GeneratedToken, RequestOutput, StepStats, TokenLogprob
 from engine.rpc import engine_pb2 as pb
 from engine.sampling_params import SamplingParams
-
-
-@dataclasses.dataclass(frozen=True)
-class StepStats:
-    """The engine's state after one step (or at subscription time, with step_seconds 0)."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_compiled_programs: int = 0
-    batch_size: int = 0  # requests that produced a token in the step
-    step_seconds: float = 0.0
-    step_index: int = 0
 
 
 # ---- sampling params ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The engine server process: one LLMEngine behind gRPC (grpc.aio) on a Unix socket.
 
-Owns: the RPCs over the engine's loop thread (engine.rpc.engine_loop), per-step publishing (ONE
+Owns: the RPCs over the engine's loop thread (engine.engine_loop), per-step publishing (ONE
 StepEvent per engine step holding every RequestOutput of that step, plus the step's stats, to each
 Events subscriber), and the process entry point `python -m engine.rpc.server --socket PATH [engine flags]`.
 Must not: send one message per token per request, or leave requests running once no client listens.
@@ -24,7 +24,7 @@ from engine.api import RequestOutput
 from engine.rpc import codec
 from engine.rpc import engine_pb2 as pb
 from engine.rpc import engine_pb2_grpc as pb_grpc
-from engine.rpc.engine_loop import EngineLoop
+from engine.engine_loop import EngineLoop
 
 log = logging.getLogger("tgx.engine.server")
 

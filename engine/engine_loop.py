@@ -1,9 +1,10 @@
-"""EngineLoop: the thread that owns an LLMEngine inside the engine server.
+"""EngineLoop: the one thread that owns an LLMEngine, for the engine server and AsyncEngine alike.
 
 Owns: the single-thread discipline (every command reaches the engine through one queue and is
 applied between steps; only this thread touches the engine), the per-step stats snapshot, and
 handing each step's whole list of outputs to a publish callback. Must not: touch asyncio or gRPC
-(engine.rpc.server does), or publish per token: one call per step carries every request's output.
+(engine.rpc.server and engine.async_engine do, each on its own side of `publish`), or publish per
+token: one call per step carries every request's output.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from engine.api import RequestOutput
-from engine.rpc import codec
+from engine.api import RequestOutput, StepStats
 
 log = logging.getLogger("tgx.engine.loop")
 
-Publish = Callable[[list[RequestOutput], codec.StepStats], None]
+Publish = Callable[[list[RequestOutput], StepStats], None]
 
 
 class EngineLoop:
@@ -45,9 +45,11 @@ class EngineLoop:
         return self._thread.is_alive() and self.error is None
 
     def add(self, request_id: str, ids: list[int], params) -> concurrent.futures.Future:
+        """Resolves True once admitted; ValueError if the engine refuses it, RuntimeError if the loop died."""
         return self._command("add", request_id, ids, params)
 
     def cancel(self, request_id: str) -> concurrent.futures.Future:
+        """Resolves to whether the request was found; its final (aborted) output is published."""
         return self._command("cancel", request_id)
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -82,10 +84,14 @@ class EngineLoop:
                 fut.set_result(None)
         except ValueError as e:
             fut.set_exception(e)
+        except BaseException as e:
+            # Anything else kills the loop; the caller waiting on this command must hear it too.
+            fut.set_exception(RuntimeError(f"engine failed: {e!r}"))
+            raise
 
-    def _snapshot(self, batch_size: int, seconds: float) -> codec.StepStats:
+    def _snapshot(self, batch_size: int, seconds: float) -> StepStats:
         s = self.engine.stats()
-        return codec.StepStats(
+        return StepStats(
             num_running=s.num_running,
             num_waiting=s.num_waiting,
             kv_cache_usage=s.kv_cache_usage,
@@ -120,10 +126,10 @@ class EngineLoop:
                 self.stats = self._snapshot(len(stepped), seconds)
                 if outputs:
                     self._publish(outputs, self.stats)
-        except BaseException as e:  # noqa: BLE001 - the engine is dead; the server reports it and exits
+        except BaseException as e:  # noqa: BLE001 - the engine is dead; the owner reports it
             log.exception("engine loop failed")
             self.error = e
-            while True:  # commands that will never be applied: answer them, so no RPC waits forever
+            while True:  # commands that will never be applied: answer them, so no caller waits forever
                 try:
                     self._commands.get_nowait()[1].set_exception(RuntimeError(f"engine failed: {e!r}"))
                 except queue.Empty:
