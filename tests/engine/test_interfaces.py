@@ -9,7 +9,8 @@ import pytest
 
 from engine.async_engine import AsyncEngine
 from engine.sampling_params import SamplingParams
-from tests.engine.conftest import run_all, smollm2_gguf
+from tests.engine.conftest import run_all
+from tests.support import JAX_CACHE, smollm2_gguf
 
 
 def test_async_streaming_matches_blocking_and_cancel_frees_pages(make_engine):
@@ -59,8 +60,6 @@ def test_async_streaming_matches_blocking_and_cancel_frees_pages(make_engine):
 def test_cli_generate_streams_text(capsys):
     from engine.cli import main
 
-    from tests.engine.conftest import CACHE_DIR
-
     rc = main(
         [
             "generate",
@@ -69,7 +68,7 @@ def test_cli_generate_streams_text(capsys):
             "--max-total-tokens", "128",
             "--max-batch-prefill-tokens", "64",
             "--max-top-n-tokens", "0",
-            "--compilation-cache-dir", str(CACHE_DIR),
+            "--compilation-cache-dir", str(JAX_CACHE),
             "--max-new-tokens", "8",
             "--chat",
             "What is the capital of France?",

