@@ -4,6 +4,7 @@ Owns: one whole measurement in one process (load, warm up, run, report). Prints 
 tokens/s (and writes them as JSON with --json-out). Must not: be imported by the engine.
 
     python bench/throughput.py --num-prompts 64 --input-len 128 --output-len 128
+    python bench/throughput.py --model-id bench/configs/smollm2-135m --random-weights ...  # no download
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.cli import ProgressLine, add_engine_flags, engine_config  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.models.loader import random_model  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -31,12 +33,17 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument(
+        "--random-weights", action="store_true", help="--model-id is a config dir: random weights made on device"
+    )
     args = parser.parse_args()
     if args.max_total_tokens is None:
         args.max_total_tokens = args.input_len + args.output_len
 
     t0 = time.perf_counter()
-    engine = LLMEngine(engine_config(args), progress=ProgressLine())
+    cfg = engine_config(args)
+    loaded = random_model(cfg.model_id, dtype=cfg.dtype) if args.random_weights else None
+    engine = LLMEngine(cfg, loaded=loaded, progress=ProgressLine())
     startup = time.perf_counter() - t0
     rng = np.random.default_rng(args.seed)
     vocab = engine.loaded.config.vocab_size

@@ -114,6 +114,7 @@ def build_params(
         stop=stop_list(req.stop, settings),
         top_n_tokens=top_n,
         logit_bias=tuple(bias),
+        ignore_eos=req.ignore_eos,
     )
     return params, n
 

@@ -241,3 +241,25 @@ def _with_logging(progress: ProgressFn | None) -> ProgressFn:
             state["next"] = (int(done * 10 / total) + 1) / 10
 
     return report
+
+
+def random_model(model_dir: str, *, dtype: Any = "bfloat16", seed: int = 0) -> LoadedModel:
+    """A model of the HF config in `model_dir` (config.json + tokenizer files, no weights needed)
+    with random weights made on the device: for benchmarks of shapes we cannot download."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from engine.models import metadata, registry
+
+    dtype_name = parse_dtype(dtype)
+    source = resolve_model(model_dir)
+    if source.kind != "dir":
+        raise ModelLoadError(f"random weights need a directory with config.json, not {model_dir}")
+    hf_config = metadata.read_hf_config(source)
+    config = _model_config(hf_config, source)
+    tokenizer = metadata.load_tokenizer(source)
+    eos = metadata.eos_token_ids(source, hf_config, tokenizer)
+    config = dataclasses.replace(config, eos_token_ids=eos)
+    model = registry.build_model(config, dtype=jnp.dtype(dtype_name), rngs=nnx.Rngs(seed))
+    logger.info("Built %s with random %s weights", source.display_name, dtype_name)
+    return LoadedModel(model, config, tokenizer, eos, source, dtype_name)

@@ -46,6 +46,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     temperature: float | None = None
     top_p: float | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM extension: fixed-length outputs for benchmarks (bench/serve.py)
 
 
 class ChatRequest(SamplingFields, kw_only=True):

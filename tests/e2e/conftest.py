@@ -31,9 +31,45 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+class OtlpCollector:
+    """A local OTLP/gRPC trace receiver: what the router exports over the wire lands in `spans`."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        collector = self
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                for rs in request.resource_spans:
+                    for ss in rs.scope_spans:
+                        collector.spans.extend(ss.spans)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.spans: list = []
+        self.port = _free_port()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self._server)
+        self._server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop(grace=None)
+
+
 @pytest.fixture(scope="session")
-def server(tiny_model_dir, tmp_path_factory):
-    """Yields the base URL of a running `tgx serve`; stops it afterwards."""
+def otlp_collector():
+    collector = OtlpCollector()
+    yield collector
+    collector.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir, tmp_path_factory, otlp_collector):
+    """Yields the base URL of a running `tgx serve` exporting traces to otlp_collector."""
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [
@@ -47,6 +83,7 @@ def server(tiny_model_dir, tmp_path_factory):
         "--max-batch-prefill-tokens", "128",
         "--max-top-n-tokens", "3",
         "--max-concurrent-requests", "256",
+        "--otlp-endpoint", f"http://127.0.0.1:{otlp_collector.port}",
         "--compilation-cache-dir", str(JAX_CACHE),
     ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}

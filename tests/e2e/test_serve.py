@@ -96,3 +96,38 @@ def test_details_with_prefill_logprobs(server):
     details = resp.json()["details"]
     assert details["prefill"][0]["logprob"] is None and all(p["logprob"] <= 0 for p in details["prefill"][1:])
     assert len(details["tokens"]) == details["generated_tokens"] and len(details["top_tokens"][0]) == 2
+
+
+def test_bench_serve_reports_vllm_fields(server, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+
+    out = tmp_path / "serve.json"
+    cmd = [sys.executable, str(REPO / "bench" / "serve.py"), "--base-url", server, "--num-prompts", "6",
+           "--concurrency", "3", "--input-len", "12", "--output-len", "5", "--json-out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["completed"] == 6 and result["total_output_tokens"] == 30 and result["total_input_tokens"] == 72
+    for key in ("ttft", "tpot", "itl", "e2el"):
+        assert result[f"p99_{key}_ms"] >= result[f"median_{key}_ms"] > 0
+    assert "Output token throughput (tok/s)" in proc.stdout
+
+
+def test_request_trace_reaches_otlp_under_client_traceparent(server, otlp_collector):
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    headers = {"traceparent": f"00-{trace_id}-{parent_id}-01"}
+    body = {"inputs": "trace me", "parameters": {"max_new_tokens": 4}}
+    assert httpx.post(f"{server}/generate", json=body, headers=headers, timeout=60).status_code == 200
+    deadline = time.monotonic() + 30  # the batch span processor flushes every few seconds
+    while time.monotonic() < deadline:
+        mine = [s for s in otlp_collector.spans if s.trace_id.hex() == trace_id]
+        if {"validation", "queue", "prefill", "decode"} <= {s.name for s in mine}:
+            break
+        time.sleep(0.5)
+    names = {s.name for s in mine}
+    assert {"validation", "queue", "prefill", "decode"} <= names, names
+    roots = [s for s in mine if s.parent_span_id.hex() == parent_id]
+    assert roots, "the request's root span must be a child of the client's span"
