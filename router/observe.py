@@ -10,13 +10,15 @@ Must not: talk to the engine.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 
 from opentelemetry import trace
 
 from engine.api import RequestOutput
-from router.errors import OverloadedError
+from router.errors import OverloadedError, RouterError
 from router.metrics import Metrics
 from router.tracing import parent_context
 
@@ -30,6 +32,21 @@ class Permit:
         if self._limiter is not None:
             self._limiter.free += 1
             self._limiter = None
+
+
+@contextlib.contextmanager
+def holding(tracker: RequestTracker, permit: Permit) -> Iterator[None]:
+    """Around a non-streamed request's engine work: records how it failed, always frees the permit."""
+    try:
+        yield
+    except RouterError as e:
+        tracker.fail(e.error_type, e.message)
+        raise
+    except asyncio.CancelledError:
+        tracker.fail("dropped")
+        raise
+    finally:
+        permit.release()
 
 
 class Limiter:

@@ -19,7 +19,7 @@ from litestar import Request, Response
 from engine.sampling_params import SamplingParams
 from router.errors import BadBatchError, InputValidationError, RouterError
 from router.generation import collect_many, merge, prime, stream
-from router.observe import Permit, RequestTracker
+from router.observe import Permit, RequestTracker, holding
 from router.openai_params import StopTrimmer, chat_messages, check_chat_unsupported
 from router.openai_responses import finish_reason, usage
 from router.schemas.openai import ChatRequest, CompletionRequest
@@ -82,16 +82,8 @@ def completion_prompts(svc: Services, data: CompletionRequest) -> list[tuple[str
 
 
 async def run_all(svc: Services, tracker: RequestTracker, permit: Permit, jobs: list[Job]) -> list:
-    try:
+    with holding(tracker, permit):
         return await collect_many(svc.engine, jobs, tracker)
-    except RouterError as e:
-        tracker.fail(e.error_type, e.message)
-        raise
-    except asyncio.CancelledError:
-        tracker.fail("dropped")
-        raise
-    finally:
-        permit.release()
 
 
 async def stream_chunks(

@@ -21,7 +21,7 @@ from router.auth import require_api_key
 from router.controllers.misc import health_response
 from router.errors import RouterError
 from router.generation import Result, collect, collect_many, prime, stream
-from router.observe import RequestTracker
+from router.observe import RequestTracker, holding
 from router.schemas.tgi import CompatGenerateRequest, GenerateParameters, GenerateRequest, SimpleToken
 from router.services import Services, sse_event, sse_response
 from router.tgi_responses import generate_response, pick_best, timing_headers, token, top_token
@@ -41,7 +41,7 @@ async def run_generate(
     except RouterError as e:
         tracker.fail(e.error_type)
         raise
-    try:
+    with holding(tracker, permit):
         prep = validate_generate(p, inputs, svc.settings, svc.info, svc.tokenizer, stream=False)
         tracker.validated(len(prep.input_ids), prep.params.max_new_tokens)
         if prep.best_of > 1:
@@ -50,14 +50,6 @@ async def run_generate(
             results = await collect_many(svc.engine, [(prep.input_ids, q) for q in params], tracker)
         else:
             results = [await collect(svc.engine, prep.input_ids, prep.params, tracker)]
-    except RouterError as e:
-        tracker.fail(e.error_type, e.message)
-        raise
-    except asyncio.CancelledError:
-        tracker.fail("dropped")
-        raise
-    finally:
-        permit.release()
     t = tracker.finish()
     body = generate_response(
         results,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import random
 
-import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
