@@ -35,10 +35,13 @@ class Permit:
 
 
 @contextlib.contextmanager
-def holding(tracker: RequestTracker, permit: Permit) -> Iterator[None]:
-    """Around a non-streamed request's engine work: records how it failed, always frees the permit."""
+def holding(tracker: RequestTracker, permit: Permit, *, keep_on_success: bool = False) -> Iterator[None]:
+    """Around a request's engine work: records how it failed and frees the permit. keep_on_success:
+    a stream that started hands its permit to the response, which frees it when the stream ends."""
+    ok = False
     try:
         yield
+        ok = True
     except RouterError as e:
         tracker.fail(e.error_type, e.message)
         raise
@@ -46,7 +49,8 @@ def holding(tracker: RequestTracker, permit: Permit) -> Iterator[None]:
         tracker.fail("dropped")
         raise
     finally:
-        permit.release()
+        if not (ok and keep_on_success):
+            permit.release()
 
 
 class Limiter:

@@ -14,7 +14,7 @@ import secrets
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from litestar import Request, Response
+from litestar import Response
 
 from engine.sampling_params import SamplingParams
 from router.errors import BadBatchError, InputValidationError, RouterError
@@ -140,24 +140,9 @@ async def stream_chunks(
 async def start_stream(
     svc: Services, tracker: RequestTracker, permit: Permit, jobs: list[Job], make_chunk, **kw: Any
 ) -> Response:
-    try:
+    with holding(tracker, permit, keep_on_success=True):
         merged = await prime(merge([stream(svc.engine, ids, p, tracker) for ids, p in jobs]))
-    except RouterError as e:
-        permit.release()
-        tracker.fail(e.error_type, e.message)
-        raise
-    except asyncio.CancelledError:
-        permit.release()
-        tracker.fail("dropped")
-        raise
     events = stream_chunks(svc, tracker, jobs, merged, make_chunk, **kw)
     return sse_response(events, permit.release, {}, source=merged)
 
 
-def begin(svc: Services, request: Request, name: str) -> tuple[RequestTracker, Permit]:
-    tracker = svc.track(request, name)
-    try:
-        return tracker, svc.limiter.acquire()
-    except RouterError as e:
-        tracker.fail(e.error_type)
-        raise

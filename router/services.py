@@ -17,7 +17,8 @@ from opentelemetry import trace
 
 from engine.api import EngineClient, EngineInfo
 from router.metrics import Metrics
-from router.observe import Limiter, RequestTracker
+from router.errors import RouterError
+from router.observe import Limiter, Permit, RequestTracker
 from router.settings import RouterSettings
 from router.tokenizer import RouterTokenizer
 
@@ -39,6 +40,15 @@ class Services:
 
     def track(self, request: Request, name: str) -> RequestTracker:
         return RequestTracker(self.metrics, self.tracer, request.headers, name)
+
+    def admit(self, request: Request, name: str) -> tuple[RequestTracker, Permit]:
+        """Starts tracking a generation request and takes its permit (TGI does so before validating)."""
+        tracker = self.track(request, name)
+        try:
+            return tracker, self.limiter.acquire()
+        except RouterError as e:
+            tracker.fail(e.error_type)
+            raise
 
 
 def sse_event(payload: object) -> bytes:

@@ -12,8 +12,9 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
 from router.auth import require_api_key
-from router.errors import InputValidationError, RouterError
-from router.openai_flow import Job, begin, chat_prepare, completion_prompts, fan_out, run_all, start_stream
+from router.errors import InputValidationError
+from router.observe import holding
+from router.openai_flow import Job, chat_prepare, completion_prompts, fan_out, run_all, start_stream
 from router.openai_params import StopTrimmer, build_params
 from router.openai_responses import (
     chat_logprobs,
@@ -41,8 +42,8 @@ class OpenAIController(Controller):
         self, data: JSONBody[ChatRequest], request: Request, svc: NamedDependency[Services]
     ) -> Response:
         """OpenAI chat completions (streamed as server-sent events when `stream` is true)."""
-        tracker, permit = begin(svc, request, "chat_completions")
-        try:
+        tracker, permit = svc.admit(request, "chat_completions")
+        with holding(tracker, permit, keep_on_success=True):  # validation; the run frees it
             _, ids = chat_prepare(svc, data)
             if data.top_logprobs and not data.logprobs:
                 raise InputValidationError(
@@ -60,10 +61,6 @@ class OpenAIController(Controller):
                 info=svc.info,
             )
             tracker.validated(len(ids), params.max_new_tokens)
-        except RouterError as e:
-            permit.release()
-            tracker.fail(e.error_type, e.message)
-            raise
         jobs: list[Job] = [(ids, p) for p in fan_out(params, n)]
         rid, created, model = new_id("chatcmpl"), now(), data.model or svc.info.model_id
         want_lp = bool(data.logprobs)
@@ -136,8 +133,8 @@ class OpenAIController(Controller):
         self, data: JSONBody[CompletionRequest], request: Request, svc: NamedDependency[Services]
     ) -> Response:
         """OpenAI legacy completions; `prompt` may be a list of up to --max-client-batch-size prompts."""
-        tracker, permit = begin(svc, request, "completions")
-        try:
+        tracker, permit = svc.admit(request, "completions")
+        with holding(tracker, permit, keep_on_success=True):  # validation; the run frees it
             prompts = completion_prompts(svc, data)
             top_n = data.logprobs or 0
             if data.echo and data.logprobs is not None:
@@ -160,10 +157,6 @@ class OpenAIController(Controller):
                 )
             num_prompt = sum(len(ids) for _, ids in prompts)
             tracker.validated(num_prompt, jobs[0][1].max_new_tokens)
-        except RouterError as e:
-            permit.release()
-            tracker.fail(e.error_type, e.message)
-            raise
         rid, created, model = new_id("cmpl"), now(), data.model or svc.info.model_id
         want_lp = data.logprobs is not None
         echo = [prompts[i // n][0] if data.echo else "" for i in range(len(jobs))]

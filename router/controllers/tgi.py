@@ -35,12 +35,7 @@ def _special_ids(svc: Services) -> frozenset[int]:
 async def run_generate(
     svc: Services, request: Request, inputs: str, p: GenerateParameters | None, name: str
 ) -> tuple[dict, dict[str, str]]:
-    tracker = svc.track(request, name)
-    try:
-        permit = svc.limiter.acquire()  # TGI takes the permit before validating
-    except RouterError as e:
-        tracker.fail(e.error_type)
-        raise
+    tracker, permit = svc.admit(request, name)
     with holding(tracker, permit):
         prep = validate_generate(p, inputs, svc.settings, svc.info, svc.tokenizer, stream=False)
         tracker.validated(len(prep.input_ids), prep.params.max_new_tokens)
@@ -115,24 +110,11 @@ async def _events(
 async def start_stream(
     svc: Services, request: Request, inputs: str, p: GenerateParameters | None
 ) -> Response:
-    tracker = svc.track(request, "generate_stream")
-    try:
-        permit = svc.limiter.acquire()
-    except RouterError as e:
-        tracker.fail(e.error_type)
-        raise
-    try:
+    tracker, permit = svc.admit(request, "generate_stream")
+    with holding(tracker, permit, keep_on_success=True):
         prep = validate_generate(p, inputs, svc.settings, svc.info, svc.tokenizer, stream=True)
         tracker.validated(len(prep.input_ids), prep.params.max_new_tokens)
         outputs = await prime(stream(svc.engine, prep.input_ids, prep.params, tracker))
-    except RouterError as e:
-        permit.release()
-        tracker.fail(e.error_type, e.message)
-        raise
-    except asyncio.CancelledError:
-        permit.release()
-        tracker.fail("dropped")
-        raise
     headers = {"x-compute-type": svc.settings.compute_type, "x-compute-characters": str(len(inputs))}
     return sse_response(_events(svc, outputs, prep, inputs, tracker), permit.release, headers, source=outputs)
 
