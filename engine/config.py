@@ -9,8 +9,38 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
-DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32"}
+import numpy as np
+
+# Accepted spellings -> canonical name (a jnp dtype name).
+DTYPES: Mapping[str, str] = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
+# What the engine is verified in; float16 weights load, but nothing checks a float16 engine yet.
+SERVED_DTYPES = ("bfloat16", "float32")
+
+
+def parse_dtype(dtype: Any) -> str:
+    """The canonical dtype name for a user's spelling; ValueError listing the choices otherwise."""
+    key = dtype
+    if not isinstance(key, str):
+        try:
+            key = np.dtype(key).name  # jnp.bfloat16, np.float32, ...
+        except TypeError:
+            key = repr(key)
+    name = DTYPES.get(key.strip().lower())
+    if name is None:
+        raise ValueError(f"Unsupported dtype {dtype!r}: choose one of {', '.join(DTYPES)}.")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +64,13 @@ class EngineConfig:
     compilation_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unsupported --dtype {self.dtype!r}; choose one of {sorted(set(DTYPES.values()))}")
-        object.__setattr__(self, "dtype", DTYPES[self.dtype])
+        try:
+            dtype = parse_dtype(self.dtype)
+        except ValueError:
+            dtype = None
+        if dtype not in SERVED_DTYPES:
+            raise ValueError(f"unsupported --dtype {self.dtype!r}; choose one of {list(SERVED_DTYPES)}")
+        object.__setattr__(self, "dtype", dtype)
         for name in ("max_batch_size", "page_size", "min_token_bucket"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.config import DTYPES, parse_dtype
 from engine.models.config import ModelConfig
 from engine.models.sources import ModelLoadError, ModelSource, resolve_model
 
@@ -35,18 +36,6 @@ logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, str], None]
 
-# Accepted spellings -> canonical name (a jnp dtype name).
-DTYPES: Mapping[str, str] = {
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-}
-
 # Checkpoint tensors that are derived buffers, not parameters: skipped rather than called unexpected.
 _DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -59,20 +48,6 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
     source: ModelSource
     dtype: str  # canonical name: "bfloat16" | "float16" | "float32"
-
-
-def parse_dtype(dtype: Any) -> str:
-    """The canonical dtype name for a user's spelling; ValueError listing the choices otherwise."""
-    key = dtype
-    if not isinstance(key, str):
-        try:
-            key = np.dtype(key).name  # jnp.bfloat16, np.float32, ...
-        except TypeError:
-            key = repr(key)
-    name = DTYPES.get(key.strip().lower())
-    if name is None:
-        raise ValueError(f"Unsupported dtype {dtype!r}: choose one of {', '.join(DTYPES)}.")
-    return name
 
 
 def load_model(
