@@ -52,6 +52,7 @@ class ModelConfig:
     o_proj_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
+    qk_norm: bool = False  # RMSNorm over each head's q and k before rotary (Qwen3, Gemma 3)
     sliding_window: int | None = None
     # Per-layer "full_attention"/"sliding_attention" (HF `layer_types`). Empty: every layer slides
     # when sliding_window is set, so single-window families (Mistral) need not spell it out.

@@ -48,11 +48,17 @@ def _qwen2(hf: Mapping[str, Any]) -> dict[str, Any]:
     return quirks
 
 
+def _qwen3(hf: Mapping[str, Any]) -> dict[str, Any]:
+    bias = bool(hf.get("attention_bias", False))
+    return dict(_qwen2(hf), attention_bias=bias, o_proj_bias=bias, qk_norm=True)
+
+
 _Quirks = Callable[[Mapping[str, Any]], dict[str, Any]]
 _FAMILIES: Mapping[str, tuple[type, _Quirks]] = types.MappingProxyType({
     "LlamaForCausalLM": (LlamaForCausalLM, _llama),  # Llama 2/3/3.1/3.2, SmolLM2
     "MistralForCausalLM": (LlamaForCausalLM, _mistral),
     "Qwen2ForCausalLM": (LlamaForCausalLM, _qwen2),  # Qwen2, Qwen2.5
+    "Qwen3ForCausalLM": (LlamaForCausalLM, _qwen3),
 })
 
 

@@ -14,6 +14,7 @@ from flax import nnx
 from engine.models.base import AttentionFn
 from engine.models.config import ModelConfig
 from engine.models.layers.linear import Linear
+from engine.models.layers.norm import RMSNorm
 from engine.models.layers.rope import apply_rope
 from engine.pallas_kernels.ragged_paged_attention.metadata import AttentionMetadata
 
@@ -32,6 +33,10 @@ class Attention(nnx.Module):
         self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, **qkv)
         self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_proj_bias, dtype=dtype,
                              rngs=rngs)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype)  # shared by every head
+            self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype)
+        self.qk_norm = c.qk_norm
 
     def __call__(
         self,
@@ -45,6 +50,8 @@ class Attention(nnx.Module):
             q = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)  # [T, N, H]
             k = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)  # [T, K, H]
             v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)  # [T, K, H]
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             out, kv_cache = self.attention_fn(
                 q, k, v, kv_cache, md, sm_scale=self.sm_scale, sliding_window=self.sliding_window

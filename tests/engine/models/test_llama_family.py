@@ -43,6 +43,9 @@ VARIANTS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen2-swa": ("Qwen2Config", "Qwen2ForCausalLM",
                   dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24)),
+    "qwen3-swa": ("Qwen3Config", "Qwen3ForCausalLM",
+                  dict(use_sliding_window=True, sliding_window=6, max_window_layers=1, attention_bias=True)),
     # SmolLM2's shape: G = 3, head_dim from hidden/heads, tied, theta 1e5.
     "smollm2": ("LlamaConfig", "LlamaForCausalLM",
                 dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, rope_theta=100000.0,
