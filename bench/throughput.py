@@ -33,9 +33,6 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", type=Path, default=None)
-    parser.add_argument(
-        "--random-weights", action="store_true", help="--model-id is a config dir: random weights made on device"
-    )
     args = parser.parse_args()
     if args.max_total_tokens is None:
         args.max_total_tokens = args.input_len + args.output_len

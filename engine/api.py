@@ -90,6 +90,20 @@ class StepStats:
     step_index: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class ProfileResult:
+    """Where a profiler capture was written (paths on the engine's machine)."""
+
+    trace_dir: str  # the log directory: TensorBoard/XProf open it with --logdir
+    xplane: str  # the XSpace file XProf reads ("" if the profiler wrote none)
+    perfetto_trace: str  # perfetto_trace.json.gz, for ui.perfetto.dev ("" if none)
+    seconds: float
+
+
+class ProfilerBusyError(RuntimeError):
+    """A trace is already being written; the JAX profiler runs one at a time."""
+
+
 class EngineClient(Protocol):
     info: EngineInfo
 
@@ -100,3 +114,7 @@ class EngineClient(Protocol):
         ...
 
     async def abort(self, request_id: str) -> None: ...
+
+    async def profile(self, seconds: float) -> ProfileResult:
+        """Traces the engine process for `seconds`; ProfilerBusyError while another trace runs."""
+        ...

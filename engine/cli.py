@@ -14,6 +14,7 @@ import sys
 import time
 
 from engine.config import EngineConfig
+from engine.sharding.config import ShardingConfig
 
 log = logging.getLogger("tgx")
 
@@ -50,7 +51,27 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "compilation-cache-dir", help="persistent XLA compilation cache directory")
     _flag(parser, "disable-chunked-prefill", bool, False, "prefill each prompt in one step")
     _flag(parser, "disable-prefill-logprobs", bool, False, "don't compile the prompt-logprobs programs")
+    _flag(parser, "num-shard", int, None, "devices that split one model copy (tensor parallel; default: all devices / data-parallel-size)")
+    _flag(parser, "data-parallel-size", int, 1, "model replicas, each serving its own batch")
+    _flag(parser, "coordinator-address", help="multi-host: host:port of process 0 (default: detected on Cloud TPU VMs, Slurm, Open MPI)")
+    _flag(parser, "num-processes", int, None, "multi-host: number of processes (hosts)")
+    _flag(parser, "process-id", int, None, "multi-host: this process's index; process 0 schedules and serves HTTP")
+    _flag(parser, "distributed-heartbeat-timeout", int, 10, "multi-host: seconds without heartbeats before a host counts as dead")
+    _flag(parser, "step-timeout", float, 120.0, "multi-host: seconds a step may take before a host counts as hung")
+    _flag(parser, "profile-dir", help="JAX profiler trace of the whole run (serve: ready to shutdown) into this directory; POST /admin/profile captures land here too")
+    _flag(parser, "random-weights", bool, False, "BENCHMARKING ONLY: --model-id is a config directory (config.json + tokenizer) and the weights are random, made on the device; outputs are meaningless")
     _flag(parser, "json-output", bool, False, "log as JSON lines")
+
+
+def check_profile_dir(path: str) -> str:
+    """Creates --profile-dir if needed; ValueError (one line for the user) if it cannot be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--profile-dir {path}: cannot create it ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--profile-dir {path}: not writable")
+    return path
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -69,6 +90,19 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_chunked_prefill=not args.disable_chunked_prefill,
         enable_prefill_logprobs=not args.disable_prefill_logprobs,
         compilation_cache_dir=args.compilation_cache_dir,
+        sharding=sharding_config(args),
+    )
+
+
+def sharding_config(args: argparse.Namespace) -> ShardingConfig:
+    return ShardingConfig(
+        tensor_parallel=args.num_shard,
+        data_parallel=args.data_parallel_size,
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        heartbeat_timeout_s=args.distributed_heartbeat_timeout,
+        step_timeout_s=args.step_timeout,
     )
 
 
@@ -102,7 +136,7 @@ def _setup_logging(json_output: bool) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from engine.llm_engine import LLMEngine
+    from engine.engine_factory import create_engine
     from engine.sampling_params import SamplingParams
 
     cfg = engine_config(args)
@@ -119,12 +153,21 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
     )
-    engine = LLMEngine(cfg, progress=ProgressLine())
+    if args.profile_dir:
+        check_profile_dir(args.profile_dir)
+    engine = create_engine(cfg, progress=ProgressLine(), random_weights=args.random_weights)
+    profiler = None
+    if args.profile_dir:
+        from engine.profiling import Profiler
+
+        profiler = Profiler(args.profile_dir)
+        profiler.start("generate")
     prompt = args.prompt
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": prompt})
-        prompt = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = engine.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS
     engine.add_request(prompt, params)
     start, n = time.perf_counter(), 0
     while engine.has_unfinished():
@@ -134,6 +177,8 @@ def _generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     elapsed = time.perf_counter() - start
     sys.stdout.write("\n")
+    if profiler is not None:
+        profiler.stop()
     log.info("%d tokens in %.2f s (%.1f tokens/s)", n, elapsed, n / max(elapsed, 1e-9))
     return 0
 

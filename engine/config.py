@@ -1,18 +1,22 @@
 """EngineConfig: every engine knob, frozen, built once from the CLI (TGI launcher names).
 
 Owns: the user-facing limits and their validation, and `resolve_limits`, which turns the "auto"
-values into concrete numbers once the model and the device memory are known. Must not: touch
-devices itself (callers pass in the memory figures), read environment variables (the CLI does).
+values into concrete numbers once the model and the device memory are known, splitting the KV
+memory between the KV cache groups. Must not: touch devices itself (callers pass in the memory
+figures), read environment variables (the CLI does).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from engine.kv_cache import peak_pages
+from engine.sharding.config import ShardingConfig
 
 # Accepted spellings -> canonical name (a jnp dtype name).
 DTYPES: Mapping[str, str] = {
@@ -62,6 +66,7 @@ class EngineConfig:
     enable_prefill_logprobs: bool = True
     min_token_bucket: int = 16
     compilation_cache_dir: str | None = None
+    sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)  # not wired in yet
 
     def __post_init__(self) -> None:
         try:
@@ -87,6 +92,21 @@ class EngineConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class KVGroupSpec:
+    """What sizing needs to know of one KV cache group (see ModelConfig.kv_cache_windows)."""
+
+    window: int | None  # None: full attention
+    bytes_per_token: int  # K and V of every layer in the group, for one token
+
+
+@dataclasses.dataclass(frozen=True)
+class KVGroupLimits:
+    window: int | None
+    num_pages: int  # including the reserved page 0
+    bytes_per_page: int  # K and V of every layer in the group
+
+
+@dataclasses.dataclass(frozen=True)
 class Limits:
     """The concrete numbers the scheduler and runner are built with."""
 
@@ -94,14 +114,14 @@ class Limits:
     max_batch_prefill_tokens: int
     max_input_tokens: int
     max_total_tokens: int
-    num_pages: int  # including the reserved page 0
     page_size: int
     token_buckets: tuple[int, ...]  # padded token counts per step, ascending
     request_buckets: tuple[int, ...]  # padded request counts per step, ascending
-
-    @property
-    def kv_capacity_tokens(self) -> int:
-        return (self.num_pages - 1) * self.page_size
+    kv_groups: tuple[KVGroupLimits, ...]  # one page pool per KV cache group, in the model's order
+    # Tokens of KV the running batch may hold together (TGI's max_batch_total_tokens): the
+    # full-attention pool's capacity. A model whose layers all slide has no such pool; its sliding
+    # pools are sized for this many tokens of requests, at most a window and a chunk each.
+    kv_capacity_tokens: int
 
     @property
     def max_pages_per_seq(self) -> int:
@@ -121,15 +141,18 @@ def resolve_limits(
     cfg: EngineConfig,
     *,
     max_position_embeddings: int,
-    kv_bytes_per_token: int,
+    kv_groups: Sequence[KVGroupSpec],
     free_memory_bytes: int,
     is_accelerator: bool,
 ) -> Limits:
     """Fills the auto values and checks the combination, raising ValueError on a layout that can't work.
 
     free_memory_bytes is what the KV cache may take: memory_fraction of the device (or of host RAM on
-    CPU) minus the weights, already net of an activation reserve.
+    CPU) minus the weights, already net of an activation reserve. kv_groups: the model's KV cache
+    groups in order; --max-batch-total-tokens sizes the full-attention one.
     """
+    if not kv_groups:
+        raise ValueError("the model has no KV cache groups")
     max_total = cfg.max_total_tokens or min(max_position_embeddings, 4096)
     if max_total > max_position_embeddings:
         raise ValueError(
@@ -143,22 +166,46 @@ def resolve_limits(
         raise ValueError(
             f"--max-batch-prefill-tokens ({prefill}) must be >= --max-input-tokens ({max_input}) without chunked prefill"
         )
+    page_size = cfg.page_size
+    # A sliding group never holds more of a request than its window and one chunk, so it gets as
+    # many pages as the full-attention pool (it never holds more than that pool either) but at most
+    # max_batch_size requests' peak: more could never be used.
+    peaks = [peak_pages(g.window, max_total - 1, prefill, page_size) for g in kv_groups]
+    caps = [None if g.window is None else cfg.max_batch_size * p for g, p in zip(kv_groups, peaks)]
+
+    def group_pages(pages: int) -> list[int]:
+        return [pages if cap is None else min(pages, cap) for cap in caps]
+
+    def cost(pages: int) -> int:
+        return sum(n * page_size * g.bytes_per_token for n, g in zip(group_pages(pages), kv_groups))
+
     # More KV than max_batch_size full-length requests can never be used, so don't take it.
     wanted = cfg.max_batch_total_tokens or cfg.max_batch_size * max_total
-    affordable = free_memory_bytes // max(kv_bytes_per_token, 1)
-    if wanted > affordable:
+    pages = wanted // page_size
+    if cost(pages) > free_memory_bytes:
         if cfg.max_batch_total_tokens is not None:
             raise ValueError(
-                f"--max-batch-total-tokens {wanted} needs {wanted * kv_bytes_per_token / 2**30:.2f} GiB of KV cache "
+                f"--max-batch-total-tokens {wanted} needs {cost(pages) / 2**30:.2f} GiB of KV cache "
                 f"but only {free_memory_bytes / 2**30:.2f} GiB is free"
             )
-        wanted = affordable
-    if wanted < max_total:
+        lo = 0  # the most pages affordable: cost is monotone in pages, so bisect
+        while lo < pages:
+            mid = (lo + pages + 1) // 2
+            lo, pages = (mid, pages) if cost(mid) <= free_memory_bytes else (lo, mid - 1)
+    if any(g.window is None for g in kv_groups) and pages * page_size < max_total:
         raise ValueError(
-            f"the KV cache holds {wanted} tokens, fewer than --max-total-tokens ({max_total}): "
+            f"the KV cache holds {pages * page_size} tokens, fewer than --max-total-tokens ({max_total}): "
             "lower --max-total-tokens or free memory"
         )
-    num_pages = wanted // cfg.page_size + 1  # + the reserved padding page
+    kv_groups_limits = []
+    for g, n, peak in zip(kv_groups, group_pages(pages), peaks):
+        if g.window is not None and n < peak:  # the full-attention pool was checked above
+            raise ValueError(
+                f"the KV cache of the window-{g.window} layers holds {n} pages, fewer than one request of "
+                f"--max-total-tokens ({max_total}) needs ({peak}): lower --max-total-tokens or free memory"
+            )
+        # + the reserved padding page
+        kv_groups_limits.append(KVGroupLimits(g.window, n + 1, page_size * g.bytes_per_token))
     max_step_tokens = prefill + cfg.max_batch_size  # every running request also decodes each step
     tokens = _powers_of_two(min(cfg.min_token_bucket, max_step_tokens), max_step_tokens)
     requests = _powers_of_two(1, cfg.max_batch_size)
@@ -167,8 +214,9 @@ def resolve_limits(
         max_batch_prefill_tokens=prefill,
         max_input_tokens=max_input,
         max_total_tokens=max_total,
-        num_pages=num_pages,
-        page_size=cfg.page_size,
+        page_size=page_size,
         token_buckets=tokens,
         request_buckets=requests,
+        kv_groups=tuple(kv_groups_limits),
+        kv_capacity_tokens=pages * page_size,
     )

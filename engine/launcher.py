@@ -32,6 +32,7 @@ log = logging.getLogger("tgx.launcher")
 
 ROUTER_CONNECT_TIMEOUT_S = 60  # the engine is already serving when the router starts
 STOP_TIMEOUT_S = 30  # per child, after SIGTERM, before SIGKILL
+PROFILE_STOP_TIMEOUT_S = 600  # an engine writing a --profile-dir trace of the whole run needs longer
 
 
 def _env(name: str, default=None, cast=str):
@@ -85,6 +86,7 @@ class LaunchPlan:
     router_cmd: tuple[str, ...]
     router_env: Mapping[str, str]  # added to the inherited environment
     temp_dir: str | None = None  # created for the socket; removed at exit
+    engine_stop_timeout: float = STOP_TIMEOUT_S
 
 
 def _engine_argv(args: argparse.Namespace) -> list[str]:
@@ -129,7 +131,8 @@ def plan(args: argparse.Namespace, router_module: str = "router", python: str = 
     if args.json_output:
         router_cmd.append("--json-output")
     router_env = {"API_KEY": args.api_key} if args.api_key else {}
-    return LaunchPlan(socket_path, tuple(engine_cmd), tuple(router_cmd), router_env, temp_dir)
+    stop_timeout = PROFILE_STOP_TIMEOUT_S if getattr(args, "profile_dir", None) else STOP_TIMEOUT_S
+    return LaunchPlan(socket_path, tuple(engine_cmd), tuple(router_cmd), router_env, temp_dir, stop_timeout)
 
 
 def _how(rc: int) -> str:
@@ -146,14 +149,14 @@ def _exit_code(rc: int) -> int:
     return rc if rc > 0 else (128 - rc if rc < 0 else 1)
 
 
-def _stop(proc: subprocess.Popen | None, name: str) -> None:
+def _stop(proc: subprocess.Popen | None, name: str, timeout: float = STOP_TIMEOUT_S) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.terminate()
     try:
-        proc.wait(STOP_TIMEOUT_S)
+        proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        log.warning("%s process did not stop in %d s; killing it", name, STOP_TIMEOUT_S)
+        log.warning("%s process did not stop in %d s; killing it", name, timeout)
         proc.kill()
         proc.wait()
 
@@ -193,7 +196,7 @@ def run(p: LaunchPlan, poll_s: float = 0.2) -> int:
     finally:
         # Router first: it stops taking requests before the engine that serves them goes away.
         _stop(router, "router")
-        _stop(engine, "engine")
+        _stop(engine, "engine", p.engine_stop_timeout)
         for s, handler in previous.items():
             signal.signal(s, handler)
         if p.temp_dir:
@@ -201,9 +204,14 @@ def run(p: LaunchPlan, poll_s: float = 0.2) -> int:
 
 
 def serve(args: argparse.Namespace, router_module: str = "router") -> int:
-    from engine.cli import engine_config
+    from engine.cli import check_profile_dir, engine_config
+    from engine.engine_factory import preflight
 
-    engine_config(args)  # bad engine flag values fail here, with the same message, before any process starts
+    # Bad engine flag values, and a quantized model this machine cannot run, fail here with the
+    # engine's own one-line message, before any process starts.
+    preflight(engine_config(args))
+    if args.profile_dir:
+        check_profile_dir(args.profile_dir)
     return run(plan(args, router_module))
 
 

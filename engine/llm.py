@@ -1,7 +1,7 @@
 """LLM: the blocking Python API, for scripts, benchmarks and tests.
 
 Owns: submitting many prompts at once and collecting whole completions. Must not: run its own
-scheduling; it only drives LLMEngine.step until its requests are done.
+scheduling; it only drives the engine's step (LLMEngine or TorchEngine) until its requests are done.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from engine.api import Completion, RequestOutput
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.engine_factory import create_engine
 from engine.runner import Progress
 from engine.sampling_params import SamplingParams
 
@@ -18,7 +18,7 @@ from engine.sampling_params import SamplingParams
 class LLM:
     def __init__(self, cfg: EngineConfig | None = None, *, progress: Progress | None = None, **overrides) -> None:
         cfg = cfg or EngineConfig(**overrides)
-        self.engine = LLMEngine(cfg, progress=progress)
+        self.engine = create_engine(cfg, progress=progress)
         self.tokenizer = self.engine.tokenizer
 
     def generate(

@@ -19,14 +19,16 @@ from collections.abc import Callable, Sequence
 import jax
 
 from engine.api import EngineInfo, GeneratedToken, RequestOutput, TokenLogprob
-from engine.config import EngineConfig, Limits, resolve_limits
+from engine.config import EngineConfig, KVGroupSpec, Limits, resolve_limits
 from engine.detokenizer import IncrementalDetokenizer
-from engine.kv_cache import PageAllocator
+from engine.kv_cache import KVCacheGroup, KVCacheGroups, PageAllocator
+from engine.models.config import ModelConfig
 from engine.models.loader import LoadedModel, load_model
+from engine.profiling import phase
 from engine.request import FinishReason, Request
-from engine.runner import ModelRunner, Progress
+from engine.runner import ModelRunner, Progress, StepOutput
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Schedule, Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 class EngineStats:
     num_running: int
     num_waiting: int
-    kv_cache_usage: float
+    kv_cache_usage: float  # of the most-used KV cache group: the pool that runs out first
     num_compiled_programs: int
 
 
@@ -52,32 +54,37 @@ def _kv_memory_budget(cfg: EngineConfig) -> tuple[int, bool]:
     return int(available * cfg.memory_fraction) // 2, False
 
 
+def _kv_group_specs(mc: ModelConfig, itemsize: int) -> list[KVGroupSpec]:
+    """Per KV cache group of the model: its window and the K/V bytes of one token over its layers."""
+    per_layer = 2 * mc.num_kv_heads * mc.head_dim * itemsize
+    windows = mc.kv_cache_windows()
+    layers = [sum(1 for i in range(mc.num_layers) if mc.kv_group_of(i) == g) for g in range(len(windows))]
+    return [KVGroupSpec(w, n * per_layer) for w, n in zip(windows, layers)]
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, *, loaded: LoadedModel | None = None, progress: Progress | None = None):
         self.cfg = cfg
         if loaded is None:
-            loaded = load_model(cfg.model_id, revision=cfg.revision, dtype=cfg.dtype, progress=progress)
+            # The served length picks static rope variants (Phi-3 longrope short/long factors).
+            loaded = load_model(cfg.model_id, revision=cfg.revision, dtype=cfg.dtype, progress=progress,
+                                max_model_len=cfg.max_total_tokens)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         mc = loaded.config
-        itemsize = jax.numpy.dtype(loaded.dtype).itemsize
-        kv_bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * itemsize
         budget, is_accel = _kv_memory_budget(cfg)
         self.limits: Limits = resolve_limits(
             cfg,
             max_position_embeddings=mc.max_position_embeddings,
-            kv_bytes_per_token=kv_bytes_per_token,
+            kv_groups=_kv_group_specs(mc, jax.numpy.dtype(loaded.dtype).itemsize),
             free_memory_bytes=budget,
             is_accelerator=is_accel,
         )
-        log.info(
-            "KV cache: %d tokens (%d pages of %d, %.1f MiB)",
-            self.limits.kv_capacity_tokens,
-            self.limits.num_pages - 1,
-            self.limits.page_size,
-            self.limits.num_pages * self.limits.page_size * kv_bytes_per_token / 2**20,
+        page_size = self.limits.page_size
+        self.kv_groups = KVCacheGroups(
+            [KVCacheGroup(g.window, PageAllocator(g.num_pages, page_size)) for g in self.limits.kv_groups]
         )
-        self.allocator = PageAllocator(self.limits.num_pages, self.limits.page_size)
+        self._log_kv_groups()
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_batch_size=self.limits.max_batch_size,
@@ -85,7 +92,7 @@ class LLMEngine:
                 max_total_tokens=self.limits.max_total_tokens,
                 enable_chunked_prefill=cfg.enable_chunked_prefill,
             ),
-            self.allocator,
+            self.kv_groups,
         )
         self.runner = ModelRunner(
             loaded.model,
@@ -115,6 +122,19 @@ class LLMEngine:
             eos_token_ids=tuple(loaded.eos_token_ids),
             tokenizer_dir=self._tokenizer_dir.name,
         )
+
+    def _log_kv_groups(self) -> None:
+        limits = self.limits
+        log.info("KV cache: %d tokens for the running batch", limits.kv_capacity_tokens)
+        for g in limits.kv_groups:
+            log.info(
+                "KV cache group %s: %d pages of %d (%d tokens, %.1f MiB)",
+                "full attention" if g.window is None else f"window {g.window}",
+                g.num_pages - 1,
+                limits.page_size,
+                (g.num_pages - 1) * limits.page_size,
+                g.num_pages * g.bytes_per_page / 2**20,
+            )
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -179,17 +199,24 @@ class LLMEngine:
         return EngineStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
-            kv_cache_usage=self.allocator.usage(),
+            kv_cache_usage=self.kv_groups.usage(),
             num_compiled_programs=self.runner.num_compiled_programs,
         )
 
     # ---- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        schedule = self.scheduler.schedule()
-        if schedule.is_empty:
-            return []
-        result = self.runner.execute(schedule)
+        # The phases show as host ranges tgx.* in a profiler trace (engine/profiling.py).
+        with phase("step"):
+            with phase("schedule"):
+                schedule = self.scheduler.schedule()
+            if schedule.is_empty:
+                return []
+            result = self.runner.execute(schedule)
+            with phase("outputs"):  # scheduler update, detokenize, stop strings
+                return self._outputs(schedule, result)
+
+    def _outputs(self, schedule: Schedule, result: StepOutput) -> list[RequestOutput]:
         row_of = {id(chunk.request): row for row, chunk in enumerate(schedule.chunks)}
         if result.next_token_logprobs is not None:
             self._collect_prompt_logprobs(schedule, result.next_token_logprobs)

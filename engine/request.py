@@ -1,7 +1,7 @@
 """Request: the host-side state of one generation request, from arrival to finish.
 
 Owns: a request's tokens (prompt and output), how much of its KV is computed, the KV pages it
-holds, its lifecycle status and why it finished, and its resolved sampling seed.
+holds in each KV cache group, its lifecycle status and why it finished, and its resolved seed.
 Must not: import jax or numpy, allocate or free pages (the scheduler does, through the
 PageAllocator), or decide when a request stops (the scheduler does).
 """
@@ -44,7 +44,10 @@ class Request:
     arrival_time: float
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
-    pages: list[int] = dataclasses.field(default_factory=list)
+    # One page list per KV cache group (engine.kv_cache.KVCacheGroups order), indexed by logical page
+    # (position // page_size); 0 marks a page that left a sliding window and went back to the pool.
+    # Empty while the request holds no pages.
+    pages: list[list[int]] = dataclasses.field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0

@@ -1,9 +1,10 @@
 """ModelRunner: the one host<->device seam.
 
-Owns: the device state (weights as flat leaves, the paged KV cache), the AOT-compiled step
-programs, bucket choice, and the per-step conversion of a Schedule into fixed-shape arrays and of
-the sampled result back into numpy. Must not: decide what runs (the scheduler does), know request
-lifecycles, or detokenize.
+Owns: the device state (weights as flat leaves, the paged KV cache: one pool per KV cache group,
+each layer's array sized for its group), the AOT-compiled step programs, bucket choice, and the
+per-step conversion of a Schedule into fixed-shape arrays (a page table and slot mapping per
+group) and of the sampled result back into numpy. Must not: decide what runs (the scheduler
+does), know request lifecycles, or detokenize.
 
 Two programs make a step. `forward` runs the model over the step's flat, padded token stream
 (prefill chunks and decodes mixed) and gathers the hidden state at each request's last token into a
@@ -32,6 +33,7 @@ from flax import nnx
 from engine import sampling
 from engine.config import Limits
 from engine.pallas_kernels.ragged_paged_attention.metadata import AttentionMetadata, kv_cache_shape
+from engine.profiling import phase
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Schedule
 
@@ -52,6 +54,22 @@ class StepOutput:
     # [T] float32 when some chunk asked for prompt logprobs: entry i is the logprob of the token
     # following flat token i (the runner's targets), in the order the chunks were laid out.
     next_token_logprobs: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepInputs:
+    """One step's host arrays, padded to its buckets, ready for the programs."""
+
+    t_pad: int
+    r_pad: int
+    variant: SampleVariant
+    input_ids: np.ndarray  # [T_pad] int32
+    md: AttentionMetadata
+    logits_indices: np.ndarray  # [R_max] int32
+    smd: sampling.SamplingMetadata
+    targets: np.ndarray | None  # [T_pad] int32, when some chunk asked for prompt logprobs
+    num_rows: int
+    num_tokens: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +136,15 @@ class ModelRunner:
         self._leaves = leaves
         dtype = leaves[0].dtype if leaves else jnp.float32
         self.kv_dtype = jnp.dtype(self._param_dtype(leaves, dtype))
-        shape = kv_cache_shape(limits.num_pages, limits.page_size, self.config.num_kv_heads, self.config.head_dim)
-        self._kv_caches = tuple(jnp.zeros(shape, self.kv_dtype) for _ in range(self.config.num_layers))
+        mc = self.config
+        if len(limits.kv_groups) != len(mc.kv_cache_windows()):
+            raise ValueError(f"{len(limits.kv_groups)} KV group limits for windows {mc.kv_cache_windows()}")
+        shapes = [
+            kv_cache_shape(g.num_pages, limits.page_size, mc.num_kv_heads, mc.head_dim) for g in limits.kv_groups
+        ]
+        self._kv_caches = tuple(
+            jnp.zeros(shapes[mc.kv_group_of(i)], self.kv_dtype) for i in range(mc.num_layers)
+        )  # L x [2, P_group, S, K, H]
         self._forward_jit = jax.jit(functools.partial(_forward, graphdef, treedef), donate_argnums=(1,))
         self._sample_jit = jax.jit(
             functools.partial(_sample, graphdef, treedef), static_argnames=("num_rows", "variant")
@@ -173,12 +198,15 @@ class ModelRunner:
     def _compile_forward(self, num_tokens: int) -> jax.stages.Compiled:
         r_max = self.limits.request_buckets[-1]
         i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+        others = range(len(self.limits.kv_groups) - 1)
         md = AttentionMetadata(
             positions=i32(num_tokens),
             slot_mapping=i32(num_tokens),
             token_seq=i32(num_tokens),
             page_table=i32(r_max, self.limits.max_pages_per_seq),
             seq_lens=i32(r_max),
+            group_page_tables=tuple(i32(r_max, self.limits.max_pages_per_seq) for _ in others),
+            group_slot_mappings=tuple(i32(num_tokens) for _ in others),
         )
         return self._forward_jit.lower(self._leaves, self._kv_caches, i32(num_tokens), md, i32(r_max)).compile()
 
@@ -191,19 +219,20 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def execute(self, schedule: Schedule) -> StepOutput:
+    def _prepare_inputs(self, schedule: Schedule) -> _StepInputs:
         chunks = schedule.chunks
         num_tokens = sum(c.num_tokens for c in chunks)
         t_pad = self._bucket(self.limits.token_buckets, num_tokens, "tokens")
         r_pad = self._bucket(self.limits.request_buckets, len(chunks), "requests")
         r_max = self.limits.request_buckets[-1]
         page_size = self.limits.page_size
+        num_groups = len(self.limits.kv_groups)
 
         input_ids = np.zeros(t_pad, np.int32)
         positions = np.zeros(t_pad, np.int32)
-        slot_mapping = np.zeros(t_pad, np.int32)
+        slot_mapping = np.zeros((num_groups, t_pad), np.int32)  # per KV cache group
         token_seq = np.zeros(t_pad, np.int32)
-        page_table = np.zeros((r_max, self.limits.max_pages_per_seq), np.int32)
+        page_table = np.zeros((num_groups, r_max, self.limits.max_pages_per_seq), np.int32)
         seq_lens = np.zeros(r_max, np.int32)
         logits_indices = np.zeros(r_max, np.int32)
         want_prompt = self.enable_prefill_logprobs and any(
@@ -214,13 +243,16 @@ class ModelRunner:
         for row, chunk in enumerate(chunks):
             req, n = chunk.request, chunk.num_tokens
             pos = np.arange(chunk.start, chunk.start + n, dtype=np.int32)
-            pages = np.asarray(req.pages, np.int32)
             span = slice(offset, offset + n)
             input_ids[span] = chunk.token_ids
             positions[span] = pos
-            slot_mapping[span] = pages[pos // page_size] * page_size + pos % page_size
             token_seq[span] = row
-            page_table[row, : len(pages)] = pages
+            for g, group_pages in enumerate(req.pages):
+                # Entries of pages released from a sliding window are 0: the trash page, masked.
+                pages = np.asarray(group_pages, np.int32)
+                assert pages[chunk.start // page_size], "a step would write into a released page"
+                slot_mapping[g, span] = pages[pos // page_size] * page_size + pos % page_size
+                page_table[g, row, : len(pages)] = pages
             seq_lens[row] = chunk.start + n
             if targets is not None:
                 following = req.all_token_ids[chunk.start + 1 : chunk.start + n + 1]
@@ -228,26 +260,40 @@ class ModelRunner:
             offset += n
             logits_indices[row] = offset - 1
         # Padding tokens keep position 0 / slot 0: they write into the reserved page 0.
-        md = AttentionMetadata(positions, slot_mapping, token_seq, page_table, seq_lens)
+        md = AttentionMetadata(
+            positions, slot_mapping[0], token_seq, page_table[0], seq_lens,
+            group_page_tables=tuple(page_table[1:]), group_slot_mappings=tuple(slot_mapping[1:]),
+        )
 
         rows, variant = self._sampling_rows(schedule)
         history = self._history_len if variant.use_penalties else None
         smd = sampling.build_sampling_metadata(rows, r_pad, history)
+        return _StepInputs(t_pad, r_pad, variant, input_ids, md, logits_indices, smd, targets, len(chunks), num_tokens)
 
-        forward = self._forward_programs[t_pad]
-        hidden_last, hidden, self._kv_caches = forward(self._leaves, self._kv_caches, input_ids, md, logits_indices)
-        out = self._sample_programs[(r_pad, variant)](self._leaves, hidden_last, smd)
-        prompt_lp = None
-        if targets is not None:
-            prompt_lp = self._prompt_programs[t_pad](self._leaves, hidden, targets)
-        out, prompt_lp = jax.device_get((out, prompt_lp))
-        n = len(chunks)
+    def execute(self, schedule: Schedule) -> StepOutput:
+        with phase("prepare_inputs"):
+            x = self._prepare_inputs(schedule)
+        # Dispatch is asynchronous on accelerators: the programs' device time shows on the trace's
+        # device rows, and on the host inside `wait`.
+        with phase("device_execute"):
+            forward = self._forward_programs[x.t_pad]
+            hidden_last, hidden, self._kv_caches = forward(
+                self._leaves, self._kv_caches, x.input_ids, x.md, x.logits_indices
+            )
+            with phase("sample"):
+                out = self._sample_programs[(x.r_pad, x.variant)](self._leaves, hidden_last, x.smd)
+            prompt_lp = None
+            if x.targets is not None:
+                prompt_lp = self._prompt_programs[x.t_pad](self._leaves, hidden, x.targets)
+            with phase("wait"):
+                out, prompt_lp = jax.device_get((out, prompt_lp))
+        n = x.num_rows
         return StepOutput(
             tokens=np.asarray(out.tokens[:n]),
             logprobs=np.asarray(out.logprobs[:n]),
             top_ids=np.asarray(out.top_ids[:n]),
             top_logprobs=np.asarray(out.top_logprobs[:n]),
-            next_token_logprobs=None if prompt_lp is None else np.asarray(prompt_lp[:num_tokens]),
+            next_token_logprobs=None if prompt_lp is None else np.asarray(prompt_lp[: x.num_tokens]),
         )
 
     def _sampling_rows(self, schedule: Schedule) -> tuple[list[sampling.SamplingRow], SampleVariant]:

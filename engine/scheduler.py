@@ -1,10 +1,15 @@
 """Scheduler: continuous batching with chunked prefill and preemption by recompute.
 
 Owns: the waiting queue and the running set, which tokens of which requests each step computes,
-the KV pages each request holds (through the PageAllocator), preemption, and the token-level
-stopping rules (EOS, stop token ids, length). Stop *strings* are found by the engine in the
-detokenized text, which then calls finish_request().
+the KV pages each request holds in every KV cache group (through their PageAllocators), returning
+the pages that left a sliding window as soon as a step moves past them, preemption, and the
+token-level stopping rules (EOS, stop token ids, length). Stop *strings* are found by the engine
+in the detokenized text, which then calls finish_request().
 Must not: import jax or numpy, touch device arrays, or detokenize. Each step's cost is O(batch).
+
+A request runs only if every group can hold its pages: admission and growth check each pool, and
+a shortage in any of them preempts. A sliding group needs at most a window plus a chunk of pages
+per request, whatever its length (KVCacheGroup.peak_pages).
 
 Protocol: the engine calls schedule(), runs the step, then update() with that schedule before the
 next schedule(). abort_request()/finish_request() may come at any time, including between the two;
@@ -18,7 +23,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-from engine.kv_cache import PageAllocator
+from engine.kv_cache import KVCacheGroups, PageAllocator
 from engine.request import FinishReason, Request, RequestStatus
 
 
@@ -102,15 +107,20 @@ class RequestUpdate:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: PageAllocator) -> None:
+    def __init__(self, config: SchedulerConfig, kv_groups: KVCacheGroups | PageAllocator) -> None:
+        """kv_groups: the model's KV cache groups; a bare PageAllocator is one full-attention group."""
         self.config = config
-        self.allocator = allocator
+        if isinstance(kv_groups, PageAllocator):
+            kv_groups = KVCacheGroups.single(kv_groups)
+        self.kv_groups = kv_groups
         # Ordered dicts used as ordered sets: O(1) removal from the middle (aborts, finishes) and
         # O(1) insertion at the front of the waiting queue (preempted requests go first).
         self._waiting: collections.OrderedDict[Request, None] = collections.OrderedDict()
         self._running: dict[Request, None] = {}  # admission order: the newest is the preemption victim
         self._requests: dict[str, Request] = {}  # unfinished only
-        self._watermark_pages = math.ceil(config.kv_watermark * allocator.num_usable_pages)
+        self._watermark_pages = tuple(
+            math.ceil(config.kv_watermark * g.allocator.num_usable_pages) for g in kv_groups
+        )
 
     @property
     def num_waiting(self) -> int:
@@ -149,12 +159,14 @@ class Scheduler:
         # fits once the newer ones are preempted, so the engine cannot livelock.
         max_new_tokens = request.params.max_new_tokens
         max_final_tokens = min(request.num_prompt_tokens + max_new_tokens, cfg.max_total_tokens)
-        max_kv_pages = self.allocator.pages_for(max_final_tokens - 1)
-        if max_kv_pages > self.allocator.num_usable_pages:
-            raise ValueError(
-                f"the request may need {max_final_tokens - 1} tokens of KV cache ({max_kv_pages} pages) "
-                f"but the cache holds {self.allocator.capacity_tokens} tokens; lower max_new_tokens"
-            )
+        for group in self.kv_groups:
+            max_kv_pages = group.peak_pages(max_final_tokens - 1, cfg.max_batch_prefill_tokens)
+            if max_kv_pages > group.allocator.num_usable_pages:
+                which = "the cache" if group.window is None else f"the window-{group.window} layers' cache"
+                raise ValueError(
+                    f"the request may need {max_final_tokens - 1} tokens of KV cache ({max_kv_pages} pages) "
+                    f"but {which} holds {group.allocator.capacity_tokens} tokens; lower max_new_tokens"
+                )
         self._waiting[request] = None
         self._requests[request.request_id] = request
 
@@ -208,6 +220,7 @@ class Scheduler:
                 continue  # aborted or finished by the engine while the step ran
             assert request.num_computed_tokens == chunk.start, "update() applied out of order or twice"
             request.num_computed_tokens += chunk.num_tokens
+            self._release_out_of_window(request)
             if not chunk.samples:
                 updates.append(RequestUpdate(request, None, False, None))
                 continue
@@ -246,7 +259,7 @@ class Scheduler:
     def _admit(self, budget: int, prefills: list[ScheduledChunk]) -> int:
         """Admits waiting requests FIFO into the step; returns the prefill budget left."""
         cfg = self.config
-        allocator = self.allocator
+        groups = self.kv_groups
         while self._waiting and len(self._running) < cfg.max_batch_size and budget > 0:
             request = next(iter(self._waiting))
             num_uncomputed = request.num_tokens  # num_computed_tokens is 0 while waiting
@@ -257,45 +270,70 @@ class Scheduler:
                 and budget < num_uncomputed <= cfg.max_batch_prefill_tokens
             ):
                 break
-            # Room for the whole prefill, not just this chunk, so a long prompt does not start only
-            # to be preempted halfway. With nothing running all pages are free and it always fits.
-            watermark = self._watermark_pages if self._running else 0
-            if allocator.pages_for(num_uncomputed) + watermark > allocator.num_free_pages:
+            # Room in every group for the whole prefill, not just this chunk, so a long prompt does
+            # not start only to be preempted halfway. With nothing running all pages are free and it
+            # always fits (add_request checked each group's peak).
+            if any(
+                g.peak_pages(num_uncomputed, cfg.max_batch_prefill_tokens) + (w if self._running else 0)
+                > g.allocator.num_free_pages
+                for g, w in zip(groups, self._watermark_pages)
+            ):
                 break
             num_tokens = min(num_uncomputed, budget)
             del self._waiting[request]
             request.status = RequestStatus.RUNNING
             self._running[request] = None
-            request.pages.extend(allocator.allocate(allocator.pages_for(num_tokens)))
+            request.pages = [g.allocator.allocate(g.allocator.pages_for(num_tokens)) for g in groups]
             prefills.append(ScheduledChunk(request, 0, num_tokens))
             budget -= num_tokens
         return budget
 
     def _room(self, request: Request) -> int:
-        """Tokens past num_computed_tokens that fit in the request's pages plus the free pages."""
-        pages = len(request.pages) + self.allocator.num_free_pages
-        return pages * self.allocator.page_size - request.num_computed_tokens
+        """Tokens past num_computed_tokens that fit in the request's pages plus the free pages of
+        every group (a page list's length counts its released entries: they are positions)."""
+        pages = min(len(p) + g.allocator.num_free_pages for g, p in zip(self.kv_groups, request.pages))
+        return pages * self.kv_groups.page_size - request.num_computed_tokens
 
     def _reserve(self, request: Request, num_kv_tokens: int, preempted: list[Request]) -> bool:
-        """Grows request's pages to cover KV positions [0, num_kv_tokens), preempting the newest
-        running requests while pages are short. False when the request itself was preempted."""
-        allocator = self.allocator
-        num_needed = allocator.pages_for(num_kv_tokens) - len(request.pages)
-        while num_needed > allocator.num_free_pages:
+        """Grows request's pages in every group to cover KV positions [0, num_kv_tokens), preempting
+        the newest running requests while any group is short. False when the request itself was
+        preempted."""
+        groups = self.kv_groups
+        needed = [g.allocator.pages_for(num_kv_tokens) - len(p) for g, p in zip(groups, request.pages)]
+        while any(n > g.allocator.num_free_pages for g, n in zip(groups, needed)):
             victim = next(reversed(self._running))
             self._preempt(victim)
             preempted.append(victim)
             if victim is request:
                 return False
-        if num_needed > 0:
-            request.pages.extend(allocator.allocate(num_needed))
+        for g, pages, n in zip(groups, request.pages, needed):
+            if n > 0:
+                pages.extend(g.allocator.allocate(n))
         return True
+
+    def _release_out_of_window(self, request: Request) -> None:
+        """Returns the pages no later step of the request can read to their sliding groups' pools;
+        their entries become 0 (the trash page). Released pages always form a prefix, so the scan
+        stops at the first entry already released: O(pages released)."""
+        for group, pages in zip(self.kv_groups, request.pages):
+            i = group.first_live_page(request.num_computed_tokens) - 1
+            released = []
+            while i >= 0 and pages[i]:
+                released.append(pages[i])
+                pages[i] = 0
+                i -= 1
+            if released:
+                group.allocator.free(released)
+
+    def _free_pages(self, request: Request) -> None:
+        for group, pages in zip(self.kv_groups, request.pages):
+            group.allocator.free(p for p in pages if p)
+        request.pages = []
 
     def _preempt(self, request: Request) -> None:
         """Preemption by recompute: drop the KV, keep the tokens, and queue it first."""
         del self._running[request]
-        self.allocator.free(request.pages)
-        request.pages = []
+        self._free_pages(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
@@ -305,8 +343,7 @@ class Scheduler:
     def _finish(self, request: Request, reason: FinishReason) -> None:
         self._running.pop(request, None)
         self._waiting.pop(request, None)
-        self.allocator.free(request.pages)  # a waiting request holds none
-        request.pages = []
+        self._free_pages(request)  # a waiting request holds none
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self._requests[request.request_id]

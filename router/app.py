@@ -19,6 +19,7 @@ from litestar.openapi import OpenAPIConfig
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from engine.api import EngineClient
+from router.controllers.admin import AdminController
 from router.controllers.misc import VERSION, MiscController
 from router.controllers.openai import OpenAIController
 from router.controllers.tgi import TGIController
@@ -73,7 +74,7 @@ def create_app(
         allow_headers=["content-type", "authorization"],
     )
     return Litestar(
-        route_handlers=[TGIController, OpenAIController, MiscController],
+        route_handlers=[TGIController, OpenAIController, MiscController, AdminController],
         dependencies={"svc": Provide(_services, sync_to_thread=False)},
         state=State({"services": services}),
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]

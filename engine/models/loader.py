@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -56,8 +56,13 @@ def load_model(
     revision: str | None = None,
     dtype: Any = "bfloat16",
     progress: ProgressFn | None = None,
+    max_model_len: int | None = None,
 ) -> LoadedModel:
-    """Loads `model_id` (None: the embedded default) with weights in `dtype`; raises ModelLoadError."""
+    """Loads `model_id` (None: the embedded default) with weights in `dtype`; raises ModelLoadError.
+
+    max_model_len is the longest sequence the caller will serve (None: the model's
+    max_position_embeddings); LongRoPE models pick their rotary factors from it, once.
+    """
     try:
         dtype_name = parse_dtype(dtype)
     except ValueError as e:
@@ -75,7 +80,7 @@ def load_model(
     config = _model_config(hf_config, source)
     tokenizer = metadata.load_tokenizer(source)
     eos = metadata.eos_token_ids(source, hf_config, tokenizer)
-    config = dataclasses.replace(config, eos_token_ids=eos)
+    config = dataclasses.replace(config, eos_token_ids=eos, max_model_len=max_model_len)
     logger.info(
         "%s: %d layers, hidden %d, vocab %d, EOS ids %s (%.1fs)",
         config.architecture,
@@ -178,15 +183,31 @@ def _read_weights(
             dtypes=dtypes,
             progress=progress,
         )
+    from engine.models import checkpoint_layout as cl
     from engine.models import safetensors_weights as st
 
     infos = st.list_tensors(source.directory)
     skip = {n for n in infos if n.endswith(_DERIVED_SUFFIXES)}
     if config.tie_word_embeddings and "lm_head.weight" not in expected:
         skip.add("lm_head.weight")  # some tied checkpoints still store the (identical) head
-    found = {name: (info.shape, str(info.file)) for name, info in infos.items() if name not in skip}
-    _check(expected, found, f"The checkpoint in {source.directory}", _config_file(source))
-    return st.read_tensors(infos, list(expected), dtypes=dtypes, progress=progress)
+    what = f"The checkpoint in {source.directory}"
+    try:  # per-expert tensors -> stacked params, renames (engine.models.checkpoint_layout)
+        planned = cl.plan(cl.layout_for(config.architecture),
+                          {name: info.shape for name, info in infos.items() if name not in skip})
+    except ValueError as e:
+        raise ModelLoadError(f"{what} does not fit {config.architecture}'s layout: {e}") from e
+    found = {name: (p.shape, cl.describe(p, lambda src: str(infos[src].file))) for name, p in planned.items()}
+    _check(expected, found, what, _config_file(source))
+    total, done = sum(len(planned[n].sources) for n in expected), [0]
+
+    def read(names: Iterable[str], src_dtypes: Mapping[str, np.dtype]) -> dict[str, np.ndarray]:
+        def tick(_done: int, _total: int, name: str) -> None:
+            done[0] += 1
+            progress(done[0], total, name)
+
+        return st.read_tensors(infos, names, dtypes=src_dtypes, progress=tick)
+
+    return cl.assemble_all({n: planned[n] for n in expected}, read, dtypes)
 
 
 def _fill(model: Any, dtype_name: str, tensors: Mapping[str, np.ndarray], source: ModelSource) -> Any:

@@ -2,7 +2,9 @@
 
 Owns: reading config.json / generation_config.json from a model directory, and, for a GGUF file,
 getting config and tokenizer through transformers' own GGUF support (AutoConfig / AutoTokenizer with
-`gguf_file=`), so GGUF metadata is interpreted exactly as transformers does. Must not: read weights,
+`gguf_file=`), so GGUF metadata is interpreted exactly as transformers does; the one addition is
+for Gemma GGUFs: <end_of_turn> as an EOS id, as Gemma's HF generation configs have it. Must not:
+invent chat templates (a model without one refuses chat requests), read weights,
 build models, or reach the network (everything is loaded with local_files_only).
 Every failure is a ModelLoadError naming the file at fault.
 """
@@ -17,6 +19,10 @@ from typing import Any
 from engine.models.sources import ModelLoadError, ModelSource
 
 logger = logging.getLogger(__name__)
+
+# A GGUF names one EOS id (<eos>) where Gemma's HF generation_config also stops at <end_of_turn>,
+# which ends every chat turn.
+_GEMMA_END_OF_TURN = "<end_of_turn>"
 
 
 def read_hf_config(source: ModelSource) -> dict[str, Any]:
@@ -46,9 +52,21 @@ def load_tokenizer(source: ModelSource) -> Any:
     """The transformers fast tokenizer, chat template included when the model ships one."""
     from transformers import AutoTokenizer
 
+    arch = None
     if source.kind == "gguf":
+        from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+        from engine.models.gguf_weights import GGUFFile
+
         where = f"GGUF file {source.gguf_path}"
+        arch = GGUFFile(source.gguf_path).architecture
         kwargs: dict[str, Any] = {"gguf_file": source.gguf_file}
+        # Without tokenizer_type, AutoTokenizer parses the file's whole metadata a second time (the
+        # config read was the first) only to learn the model type: ~20 s for Gemma's 262k-token
+        # vocabulary. Where the architecture names a tokenizer class (gemma3 -> GemmaTokenizer), it
+        # is the class that parse would pick; elsewhere (llama) AutoTokenizer keeps its own choice.
+        if TOKENIZER_MAPPING_NAMES.get(arch):
+            kwargs["tokenizer_type"] = arch
     else:
         where = str(source.directory)
         names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -74,6 +92,10 @@ def eos_token_ids(source: ModelSource, hf_config: dict[str, Any], tokenizer: Any
         if ids:
             return ids
     ids = _as_ids(hf_config.get("eos_token_id"))
+    if ids and source.kind == "gguf" and str(hf_config.get("model_type", "")).startswith("gemma"):
+        end_of_turn = tokenizer.convert_tokens_to_ids(_GEMMA_END_OF_TURN)
+        if end_of_turn is not None and end_of_turn != tokenizer.unk_token_id:
+            ids = _as_ids([*ids, end_of_turn])
     if ids:
         return ids
     ids = _as_ids(getattr(tokenizer, "eos_token_id", None))

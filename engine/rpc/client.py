@@ -11,17 +11,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
-from engine.api import EngineInfo, RequestOutput
+from engine.api import EngineInfo, ProfilerBusyError, ProfileResult, RequestOutput, StepStats
 from engine.rpc import codec
 from engine.rpc import engine_pb2 as pb
 from engine.rpc import engine_pb2_grpc as pb_grpc
-from engine.api import StepStats
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger("tgx.engine.client")
@@ -29,7 +29,7 @@ log = logging.getLogger("tgx.engine.client")
 RPC_TIMEOUT_S = 30.0  # unary calls; the engine answers between steps, so far faster in practice
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
-__all__ = ["EngineUnavailableError", "Health", "RemoteEngine", "StepStats"]
+__all__ = ["EngineUnavailableError", "Health", "ProfilerBusyError", "RemoteEngine", "StepStats"]
 
 
 class EngineUnavailableError(RuntimeError):
@@ -99,7 +99,7 @@ class RemoteEngine:
         try:
             # The server's first message says the subscription is live: no output can be missed after it.
             first = await asyncio.wait_for(self._events.read(), timeout)
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError) as e:
+        except (TimeoutError, grpc.aio.AioRpcError) as e:
             raise EngineUnavailableError(f"could not subscribe to engine events: {e}") from None
         if first is grpc.aio.EOF:
             raise EngineUnavailableError("the engine closed its event stream")
@@ -122,7 +122,7 @@ class RemoteEngine:
                 if self._on_step is not None:
                     try:
                         self._on_step(self.last_stats)
-                    except Exception:  # noqa: BLE001 - a metrics bug must not stop token delivery
+                    except Exception:  # a metrics bug must not stop token delivery
                         log.exception("on_step callback failed")
         except grpc.aio.AioRpcError as e:
             reason = f"engine connection lost: {e.code().name}: {e.details()}"
@@ -223,6 +223,27 @@ class RemoteEngine:
         except grpc.aio.AioRpcError as e:
             raise EngineUnavailableError(f"engine does not answer: {e.code().name}") from None
         return list(r.ids)
+
+    async def profile(self, seconds: float) -> ProfileResult:
+        """Traces the engine process for `seconds`; answers once the trace files are written.
+
+        ValueError: seconds out of range (the engine's message). ProfilerBusyError: another trace runs.
+        """
+        if self._failure is not None:
+            raise EngineUnavailableError(self._failure)
+        try:
+            # Writing a busy trace (and its Perfetto copy) can take a while after the capture ends.
+            wait = min(seconds, 3600.0) if math.isfinite(seconds) and seconds > 0 else 0.0  # the engine checks it
+            r = await self._stub.Profile(pb.ProfileRequest(seconds=seconds), timeout=wait + 300)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(e.details()) from None
+            if e.code() == grpc.StatusCode.ABORTED:
+                raise ProfilerBusyError(e.details()) from None
+            raise EngineUnavailableError(f"engine does not answer: {e.code().name}: {e.details()}") from None
+        return ProfileResult(
+            trace_dir=r.trace_dir, xplane=r.xplane, perfetto_trace=r.perfetto_trace, seconds=r.seconds
+        )
 
     async def close(self) -> None:
         if self._failure is None:

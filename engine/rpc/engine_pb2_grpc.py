@@ -69,6 +69,11 @@ class EngineStub:
                 request_serializer=engine_dot_rpc_dot_engine__pb2.EventsRequest.SerializeToString,
                 response_deserializer=engine_dot_rpc_dot_engine__pb2.StepEvent.FromString,
                 _registered_method=True)
+        self.Profile = channel.unary_unary(
+                '/tgx.engine.v1.Engine/Profile',
+                request_serializer=engine_dot_rpc_dot_engine__pb2.ProfileRequest.SerializeToString,
+                response_deserializer=engine_dot_rpc_dot_engine__pb2.ProfileResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServicer:
@@ -119,6 +124,14 @@ class EngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Profile(self, request, context):
+        """Traces the engine process for `seconds` (JAX profiler) and answers once the files are written.
+        INVALID_ARGUMENT: seconds out of range; ABORTED: another trace is running (e.g. --profile-dir).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +169,11 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.Events,
                     request_deserializer=engine_dot_rpc_dot_engine__pb2.EventsRequest.FromString,
                     response_serializer=engine_dot_rpc_dot_engine__pb2.StepEvent.SerializeToString,
+            ),
+            'Profile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Profile,
+                    request_deserializer=engine_dot_rpc_dot_engine__pb2.ProfileRequest.FromString,
+                    response_serializer=engine_dot_rpc_dot_engine__pb2.ProfileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +365,33 @@ class Engine:
             '/tgx.engine.v1.Engine/Events',
             engine_dot_rpc_dot_engine__pb2.EventsRequest.SerializeToString,
             engine_dot_rpc_dot_engine__pb2.StepEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Profile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tgx.engine.v1.Engine/Profile',
+            engine_dot_rpc_dot_engine__pb2.ProfileRequest.SerializeToString,
+            engine_dot_rpc_dot_engine__pb2.ProfileResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,5 @@
-"""The engine server process: one LLMEngine behind gRPC (grpc.aio) on a Unix socket.
+"""The engine server process: one engine (LLMEngine, or the torch fallback's TorchEngine) behind
+gRPC (grpc.aio) on a Unix socket.
 
 Owns: the RPCs over the engine's loop thread (engine.engine_loop), per-step publishing (ONE
 StepEvent per engine step holding every RequestOutput of that step, plus the step's stats, to each
@@ -35,8 +36,11 @@ GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_m
 class EngineService(pb_grpc.EngineServicer):
     """The RPCs. Lives on the asyncio loop; talks to the engine only through EngineLoop."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, profiler=None) -> None:
+        from engine.profiling import Profiler
+
         self.engine = engine
+        self.profiler = profiler if profiler is not None else Profiler()
         self._aio = asyncio.get_running_loop()
         self._subscribers: set[asyncio.Queue] = set()
         self._inflight: set[str] = set()
@@ -136,6 +140,26 @@ class EngineService(pb_grpc.EngineServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         return pb.CancelResponse(found=bool(found))
 
+    async def Profile(self, request, context):
+        from engine.profiling import ProfilerBusyError, check_seconds
+
+        try:
+            seconds = check_seconds(request.seconds)
+            await asyncio.to_thread(self.profiler.start, "capture")
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except ProfilerBusyError as e:
+            await context.abort(grpc.StatusCode.ABORTED, str(e))
+        try:
+            await asyncio.sleep(seconds)  # the engine loop runs on its own thread meanwhile
+        finally:
+            # Also when the caller went away: a trace left running would block every later one.
+            result = await asyncio.shield(asyncio.to_thread(self.profiler.stop))
+        return pb.ProfileResponse(
+            trace_dir=result.trace_dir, xplane=result.xplane,
+            perfetto_trace=result.perfetto_trace, seconds=result.seconds,
+        )  # fmt: skip
+
     async def Events(self, request, context):
         q: asyncio.Queue = asyncio.Queue()
         self._subscribers.add(q)
@@ -157,14 +181,20 @@ class EngineService(pb_grpc.EngineServicer):
                     self.loop.cancel(request_id)
 
 
-async def serve(engine, socket_path: str, stop: asyncio.Event | None = None) -> int:
+async def serve(
+    engine, socket_path: str, stop: asyncio.Event | None = None, profile_dir: str | None = None
+) -> int:
     """Serves until SIGINT/SIGTERM or `stop` is set (returns 0), or until the engine loop dies (returns 1).
 
     `engine` is an LLMEngine, or anything with its admission/step/stats methods (tests pass a fake).
+    profile_dir: traces the whole serving run (ready to shutdown) into it; Profile captures go there too.
     """
+    from engine.profiling import Profiler
+
+    profiler = Profiler(profile_dir)
     if os.path.exists(socket_path):
         os.unlink(socket_path)  # a stale socket from a killed run
-    service = EngineService(engine)
+    service = EngineService(engine, profiler)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_EngineServicer_to_server(service, server)
     server.add_insecure_port(f"unix:{socket_path}")
@@ -173,6 +203,8 @@ async def serve(engine, socket_path: str, stop: asyncio.Event | None = None) -> 
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    if profile_dir:
+        profiler.start("serve")
     log.info("engine ready: serving %s on unix:%s", engine.info.model_id, socket_path)
     waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(service.done.wait())]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -183,6 +215,8 @@ async def serve(engine, socket_path: str, stop: asyncio.Event | None = None) -> 
     service.close_streams()
     await server.stop(grace=1.0)
     await asyncio.to_thread(service.loop.stop)
+    if profiler.active:
+        await asyncio.to_thread(profiler.stop)
     try:
         os.unlink(socket_path)
     except FileNotFoundError:
@@ -195,7 +229,7 @@ def default_socket_path() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.cli import ProgressLine, _setup_logging, add_engine_flags, engine_config
+    from engine.cli import ProgressLine, _setup_logging, add_engine_flags, check_profile_dir, engine_config
 
     parser = argparse.ArgumentParser(prog="python -m engine.rpc.server", description="tgx engine server")
     add_engine_flags(parser)
@@ -207,15 +241,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         cfg = engine_config(args)
+        if args.profile_dir:
+            check_profile_dir(args.profile_dir)
         if cfg.compilation_cache_dir:
             import jax
 
             jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
-        from engine.llm_engine import LLMEngine
+        from engine.engine_factory import create_engine
         from engine.models.loader import ModelLoadError
 
         try:
-            engine = LLMEngine(cfg, progress=ProgressLine())
+            engine = create_engine(cfg, progress=ProgressLine(), random_weights=args.random_weights)
         except ModelLoadError as e:
             raise ValueError(str(e)) from None
     except ValueError as e:
@@ -224,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    return asyncio.run(serve(engine, socket_path))
+    return asyncio.run(serve(engine, socket_path, profile_dir=args.profile_dir))
 
 
 if __name__ == "__main__":

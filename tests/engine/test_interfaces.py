@@ -47,9 +47,9 @@ def test_async_streaming_matches_blocking_and_cancel_frees_pages(make_engine):
         assert text == eng.tokenizer.decode(blocking, skip_special_tokens=True)
         assert asyncio.run(cancel_midway()) == 3
         deadline = time.monotonic() + 10
-        while not eng.allocator.is_full_free() and time.monotonic() < deadline:
+        while not eng.kv_groups.is_full_free() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert eng.allocator.is_full_free()
+        assert eng.kv_groups.is_full_free()
         with pytest.raises(ValueError, match="max_new_tokens"):
             asyncio.run(bad_request())
         assert aeng.is_healthy

@@ -75,7 +75,7 @@ def test_batch_invariance_and_chunked_prefill(engine, make_engine):
     chunked_engine = make_engine(max_batch_prefill_tokens=32)
     chunked = run_all(chunked_engine, prompts, params)
     assert chunked == together
-    assert chunked_engine.allocator.is_full_free() and engine.allocator.is_full_free()
+    assert chunked_engine.kv_groups.is_full_free() and engine.kv_groups.is_full_free()
 
 
 def test_seeded_sampling_is_reproducible_in_any_batch(engine):
@@ -159,7 +159,7 @@ def test_no_page_leaks_with_preemption_stops_and_cancels(make_engine, engine):
                 out = small.abort(r.request_id)
                 if out is not None:
                     reasons[r.request_id] = out.finish_reason
-    assert small.allocator.is_full_free()
+    assert small.kv_groups.is_full_free()
     assert set(reasons) == {r.request_id for r in reqs}
     assert reasons[reqs[0].request_id] == reasons[reqs[8].request_id] == "cancelled"
     assert sum(r.num_preemptions for r in reqs) > 0, "the workload was meant to force preemption"

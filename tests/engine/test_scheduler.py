@@ -1,5 +1,6 @@
 """Tests for engine/scheduler.py and engine/request.py: admission, chunking, decoding, preemption,
-stopping, aborts, and a randomized run that must end with every page back in the pool."""
+stopping, aborts, and a randomized run (also over sliding-window KV cache groups) that must end
+with every page back in its pool."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import zlib
 
 import pytest
 
-from engine.kv_cache import PageAllocator
+from engine.kv_cache import KVCacheGroup, KVCacheGroups, PageAllocator
 from engine.request import FinishReason, Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Schedule, ScheduledChunk, Scheduler, SchedulerConfig
@@ -143,14 +144,14 @@ def test_chunked_prefill_chunks_positions_and_pages():
         assert (chunk.start, chunk.num_tokens, chunk.samples) == (start, num_tokens, samples)
         assert not chunk.is_decode
         assert chunk.token_ids == req.prompt_token_ids[start : start + num_tokens]
-        assert len(req.pages) == sched.allocator.pages_for(start + num_tokens)  # exactly what it needs
+        assert len(req.pages[0]) == sched.kv_groups.pages_for(start + num_tokens)  # exactly what it needs
         assert updates[0].new_token == (42 if samples else None)
     assert req.output_token_ids == [42]
     schedule, _ = run_step(sched)
     (chunk,) = schedule.chunks
     assert (chunk.start, chunk.num_tokens, chunk.is_decode, chunk.token_ids) == (20, 1, True, [42])
     assert chunk.samples  # fixed at creation, though the request has grown since
-    assert len(req.pages) == 6
+    assert len(req.pages[0]) == 6
 
 
 def test_chunked_prefill_fills_the_budget_with_the_next_request():
@@ -206,7 +207,7 @@ def test_preemption_takes_newest_and_recompute_resumes_sampling():
     for token in (10, 11, 12):
         schedule, _ = run_step(sched, token)
         assert not schedule.preempted
-    assert a.num_tokens == b.num_tokens == 7 and sched.allocator.num_free_pages == 0
+    assert a.num_tokens == b.num_tokens == 7 and sched.kv_groups[0].allocator.num_free_pages == 0
     schedule, _ = run_step(sched, 13)  # a needs a 4th page: b, the newest, makes room
     assert schedule.preempted == (b,)
     assert spans(schedule) == [("a", 6, 1)]
@@ -221,7 +222,7 @@ def test_preemption_takes_newest_and_recompute_resumes_sampling():
     assert (chunk.request, chunk.start, chunk.num_tokens, chunk.samples) == (b, 0, 7, True)
     assert chunk.token_ids == b.prompt_token_ids + [10, 11, 12]
     assert b.output_token_ids == [10, 11, 12, 20] and updates[0].is_finished
-    assert sched.allocator.is_full_free()
+    assert sched.kv_groups.is_full_free()
 
 
 def test_newest_request_preempts_itself_when_it_alone_needs_a_page():
@@ -234,7 +235,7 @@ def test_newest_request_preempts_itself_when_it_alone_needs_a_page():
     schedule, _ = run_step(sched)
     assert schedule.preempted == (b,)
     assert spans(schedule) == [("a", 3, 1)]
-    assert sched.allocator.num_free_pages == 2
+    assert sched.kv_groups[0].allocator.num_free_pages == 2
 
 
 def test_watermark_holds_back_admission_while_others_run():
@@ -256,7 +257,7 @@ def test_finish_on_eos_frees_pages():
     sched.add_request(req)
     _, (update,) = run_step(sched, EOS)
     assert (update.is_finished, update.finish_reason, update.new_token) == (True, FinishReason.EOS, EOS)
-    assert req.is_finished and req.pages == [] and sched.allocator.is_full_free()
+    assert req.is_finished and req.pages == [] and sched.kv_groups.is_full_free()
     assert not sched.has_unfinished() and sched.get_request("a") is None
 
 
@@ -282,7 +283,7 @@ def test_finish_on_stop_token_and_max_new_tokens_and_max_total_tokens():
         "total": (FinishReason.LENGTH, 3),  # 5 + 3 == max_total_tokens
         "stop": (FinishReason.STOP_SEQUENCE, 3),
     }
-    assert sched.allocator.is_full_free()
+    assert sched.kv_groups.is_full_free()
 
 
 def test_abort_waiting_and_running_requests():
@@ -297,7 +298,7 @@ def test_abort_waiting_and_running_requests():
         assert (req.status, req.finish_reason) == (RequestStatus.FINISHED, FinishReason.CANCELLED)
         assert req.pages == []
     assert sched.abort_request("run") is None and sched.abort_request("nope") is None
-    assert sched.allocator.is_full_free() and not sched.has_unfinished()
+    assert sched.kv_groups.is_full_free() and not sched.has_unfinished()
     assert run_step(sched)[0].is_empty
 
 
@@ -313,7 +314,7 @@ def test_abort_or_finish_between_schedule_and_update_is_skipped():
     assert sched.get_request("a") is None
     assert sched.finish_request("b", FinishReason.STOP_SEQUENCE) is None
     sched.abort_request("c")
-    assert sched.allocator.is_full_free()
+    assert sched.kv_groups.is_full_free()
 
 
 def test_update_rejects_misaligned_tokens():
@@ -339,7 +340,7 @@ def fake_token(request: Request, position: int) -> int:
 
 
 def check_step(sched: Scheduler, schedule: Schedule, requests: list[Request]) -> None:
-    cfg, alloc = sched.config, sched.allocator
+    cfg, groups = sched.config, sched.kv_groups
     assert len(schedule.chunks) <= cfg.max_batch_size
     assert schedule.num_prefill_tokens <= cfg.max_batch_prefill_tokens
     kinds = [c.is_decode for c in schedule.chunks]
@@ -354,15 +355,25 @@ def check_step(sched: Scheduler, schedule: Schedule, requests: list[Request]) ->
         assert chunk is not None or not req.is_decoding, "a running decode was skipped"
         kv_tokens = req.num_computed_tokens + (chunk.num_tokens if chunk else 0)
         assert chunk is None or chunk.start == req.num_computed_tokens
-        assert len(req.pages) == alloc.pages_for(kv_tokens), "pages must cover exactly what is computed"
-    held = [p for req in requests for p in req.pages]
-    assert 0 not in held and len(set(held)) == len(held)
-    assert len(held) + alloc.num_free_pages == alloc.num_usable_pages
+        assert len(req.pages) == len(groups)
+        for group, pages in zip(groups, req.pages):
+            assert len(pages) == group.allocator.pages_for(kv_tokens), "pages must cover what is computed"
+            # Live are exactly the pages this step may read: out-of-window ones went back at update().
+            first = group.first_live_page(req.num_computed_tokens)
+            assert not any(pages[:first]) and all(pages[first:])
+            assert len(pages) - first <= group.peak_pages(kv_tokens, cfg.max_batch_prefill_tokens)
+    for g, group in enumerate(groups):
+        held = [p for req in requests if req.pages for p in req.pages[g] if p]
+        assert len(set(held)) == len(held)
+        assert len(held) + group.allocator.num_free_pages == group.allocator.num_usable_pages
 
 
-def simulate(rng: random.Random, enable_chunked_prefill: bool) -> int:
-    """Runs random traffic to completion; returns the number of preemptions it caused."""
-    alloc = PageAllocator(rng.randint(6, 16), rng.choice([1, 2, 4]))
+def simulate(rng: random.Random, enable_chunked_prefill: bool, windows: tuple[int | None, ...]) -> int:
+    """Runs random traffic to completion over KV cache groups of these windows, each with a random
+    pool size; returns the number of preemptions it caused."""
+    num_pages, page_size = rng.randint(6, 16), rng.choice([1, 2, 4])
+    sizes = [num_pages] + [rng.randint(4, 16) for _ in windows[1:]]
+    groups = KVCacheGroups([KVCacheGroup(w, PageAllocator(n, page_size)) for w, n in zip(windows, sizes)])
     config = SchedulerConfig(
         max_batch_size=rng.randint(1, 6),
         max_batch_prefill_tokens=rng.randint(3, 12),
@@ -370,7 +381,7 @@ def simulate(rng: random.Random, enable_chunked_prefill: bool) -> int:
         enable_chunked_prefill=enable_chunked_prefill,
         kv_watermark=rng.choice([0.0, 0.1]),
     )
-    sched = Scheduler(config, alloc)
+    sched = Scheduler(config, groups)
     requests: list[Request] = []
     num_arrivals = 40
     for _ in range(10_000):
@@ -406,7 +417,7 @@ def simulate(rng: random.Random, enable_chunked_prefill: bool) -> int:
     else:
         pytest.fail("the scheduler stopped making progress")
 
-    assert alloc.is_full_free()
+    assert groups.is_full_free()
     assert sched.num_running == sched.num_waiting == 0
     for req in requests:
         assert req.is_finished and req.finish_reason is not None and not req.pages
@@ -419,7 +430,10 @@ def simulate(rng: random.Random, enable_chunked_prefill: bool) -> int:
     return sum(req.num_preemptions for req in requests)
 
 
+@pytest.mark.parametrize("windows", [(None,), (None, 3), (5,), (None, 2, 6)])
 @pytest.mark.parametrize("enable_chunked_prefill", [True, False])
-def test_random_run_ends_every_request_and_leaks_no_pages(enable_chunked_prefill):
-    num_preemptions = sum(simulate(random.Random(seed), enable_chunked_prefill) for seed in range(30))
+def test_random_run_ends_every_request_and_leaks_no_pages(enable_chunked_prefill, windows):
+    """With sliding groups too: every group's pages add up each step and all come back at the end."""
+    rngs = [random.Random(seed) for seed in range(30)]
+    num_preemptions = sum(simulate(rng, enable_chunked_prefill, windows) for rng in rngs)
     assert num_preemptions > 0, "the pools are meant to be small enough to force preemption"

@@ -12,7 +12,14 @@ import asyncio
 import math
 from collections.abc import AsyncIterator, Sequence
 
-from engine.api import EngineInfo, GeneratedToken, RequestOutput, TokenLogprob
+from engine.api import (
+    EngineInfo,
+    GeneratedToken,
+    ProfilerBusyError,
+    ProfileResult,
+    RequestOutput,
+    TokenLogprob,
+)
 from engine.sampling_params import SamplingParams
 
 REPLY = " Hello world! This is a fake engine reply, token by token."
@@ -52,6 +59,9 @@ class FakeEngine:
         self.cancelled: list[str] = []
         self.params: list[SamplingParams] = []
         self.running = 0
+        self.profiles: list[float] = []  # the seconds of every capture asked for
+        self.profiling = False
+        self.profile_delay = 0.0  # how long a capture takes (real time, not `seconds`)
 
     async def health(self) -> bool:
         return self.healthy
@@ -66,6 +76,19 @@ class FakeEngine:
 
     async def abort(self, request_id: str) -> None:
         self.cancelled.append(request_id)
+
+    async def profile(self, seconds: float) -> ProfileResult:
+        """Records the call; one capture at a time, like the engine (ProfilerBusyError otherwise)."""
+        if self.profiling:
+            raise ProfilerBusyError("a profile is already being captured into /tmp/fake-profile")
+        self.profiling = True
+        self.profiles.append(seconds)
+        try:
+            await asyncio.sleep(self.profile_delay)
+        finally:
+            self.profiling = False
+        d = f"/tmp/fake-profile/capture-{len(self.profiles)}"
+        return ProfileResult(d, f"{d}/plugins/profile/run/host.xplane.pb", f"{d}/plugins/profile/run/perfetto_trace.json.gz", seconds)
 
     def _logprob(self, tid: int, k: int) -> float:
         return -0.05 - ((tid * 7 + k) % 13) / 10.0

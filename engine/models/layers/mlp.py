@@ -1,6 +1,7 @@
 """Gated feed-forward block (SwiGLU and its GeGLU variants).
 
-Owns: gate_proj/up_proj/down_proj (HF names) and the activation lookup. Must not: know the
+Owns: gate_proj/up_proj/down_proj (HF names), or gate_up_proj/down_proj where a family stores
+gate and up as one tensor (Phi-3: gate rows first), and the activation lookup. Must not: know the
 family; the activation comes from the config's HF `hidden_act` string.
 """
 
@@ -33,13 +34,20 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 class GatedMLP(nnx.Module):
     def __init__(self, dim: int, hidden: int, *, act: str, use_bias: bool, dtype: jnp.dtype,
-                 rngs: nnx.Rngs) -> None:
+                 rngs: nnx.Rngs, fused: bool = False) -> None:
         self.act = activation(act)
-        self.gate_proj = Linear(dim, hidden, use_bias=use_bias, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(dim, hidden, use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.fused = fused
+        if fused:  # param names follow the checkpoint
+            self.gate_up_proj = Linear(dim, 2 * hidden, use_bias=use_bias, dtype=dtype, rngs=rngs)
+        else:
+            self.gate_proj = Linear(dim, hidden, use_bias=use_bias, dtype=dtype, rngs=rngs)
+            self.up_proj = Linear(dim, hidden, use_bias=use_bias, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(hidden, dim, use_bias=use_bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         with jax.named_scope("mlp"):
-            h = self.act(self.gate_proj(x)) * self.up_proj(x)  # [T, F]
-            return self.down_proj(h)  # [T, D]
+            if self.fused:
+                gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)  # [T, F] each
+            else:
+                gate, up = self.gate_proj(x), self.up_proj(x)
+            return self.down_proj(self.act(gate) * up)  # [T, D]

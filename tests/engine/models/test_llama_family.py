@@ -7,6 +7,7 @@ models are built from configs with fresh random weights.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax.numpy as jnp
@@ -46,10 +47,28 @@ VARIANTS = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24)),
     "qwen3-swa": ("Qwen3Config", "Qwen3ForCausalLM",
                   dict(use_sliding_window=True, sliding_window=6, max_window_layers=1, attention_bias=True)),
+    # Gemma: window 6 (shorter than the 11- and 19-token prompts), a softmax scale apart from
+    # head_dim, and caps low enough that scores and logits run well into tanh's bend.
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=5.0,
+                    final_logit_softcapping=10.0)),
+    # Gemma 3: local and (linearly scaled) global rotary; HF ignores attn_logit_softcapping here.
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6, num_hidden_layers=3,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                    rope_parameters=dict(full_attention=dict(rope_type="linear", factor=4.0, rope_theta=5e4),
+                                         sliding_attention=dict(rope_type="default", rope_theta=1e3)),
+                    attn_logit_softcapping=5.0, final_logit_softcapping=10.0)),
     # SmolLM2's shape: G = 3, head_dim from hidden/heads, tied, theta 1e5.
     "smollm2": ("LlamaConfig", "LlamaForCausalLM",
                 dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, rope_theta=100000.0,
                      tie_word_embeddings=True, vocab_size=300)),
+    # Phi-3: fused qkv/gate_up, LongRoPE within its original length (short factors) with an explicit
+    # attention factor. Long factors and partial rotary: test_moe.py.
+    "phi3": ("Phi3Config", "Phi3ForCausalLM",
+             dict(pad_token_id=0, rope_parameters=dict(rope_type="longrope", rope_theta=1e4, attention_factor=1.2,
+                                                       short_factor=[1 + i / 8 for i in range(8)],
+                                                       long_factor=[1 + i for i in range(8)]))),
 }
 PAGE_SIZE = 4
 NUM_PAGES = 64
@@ -63,10 +82,11 @@ def _hf_model(variant: str):
     torch.manual_seed(0)
     model = getattr(transformers, arch)._from_config(cfg, attn_implementation="eager").eval()
     # HF init (std 0.02) makes attention near-uniform and hides rope/mask bugs; use O(1) logits.
+    unit_offset = arch.startswith("Gemma")  # its norms scale by 1 + weight
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
+                p.copy_((0.0 if unit_offset else 1.0) + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.3 * torch.randn_like(p))
             elif "embed_tokens" in name:
@@ -145,8 +165,28 @@ def test_matches_transformers(variant):
             assert _rel(chunked, hf[2][0]) < 1e-4, "chunked prefill"
 
 
-def test_bfloat16_params_track_float32():
-    hf_model = _hf_model("llama3.2")
+def test_gemma_soft_caps_are_in_play():
+    """The Gemma parity runs above only prove the caps right if the random models reach them."""
+    hf_model = _hf_model("gemma2")
+    ids = torch.tensor([np.random.default_rng(1).integers(1, 256, 19).tolist()])
+    attns = [layer.self_attn for layer in hf_model.model.layers]
+    with torch.no_grad():
+        capped = hf_model(ids).logits[0]
+        try:
+            for a in attns:
+                a.attn_logit_softcapping = None
+            uncapped = hf_model(ids).logits[0]
+        finally:
+            for a in attns:
+                a.attn_logit_softcapping = hf_model.config.attn_logit_softcapping
+    final_cap = hf_model.config.final_logit_softcapping
+    assert capped.abs().max() > 0.95 * final_cap  # tanh's flat end: 0.95 is tanh(1.83)
+    assert _rel(uncapped.numpy(), capped.numpy()) > 1e-2, "attention scores never reach the cap"
+
+
+@pytest.mark.parametrize("variant", ["llama3.2", "gemma3"])  # Gemma: its norms multiply in float32
+def test_bfloat16_params_track_float32(variant):
+    hf_model = _hf_model(variant)
     config, model = _ours(hf_model, jnp.bfloat16)
     assert all(p.get_value().dtype == jnp.bfloat16 for p in named_params(model).values())
     prompt = np.random.default_rng(0).integers(1, config.vocab_size, 12).tolist()
@@ -189,6 +229,33 @@ def test_config_from_hf_defaults_and_rope_spellings():
     qwen = config_from_hf(dict(base, architectures=["Qwen2ForCausalLM"], sliding_window=8))
     assert qwen.attention_bias and not qwen.o_proj_bias and qwen.sliding_window is None
     assert ModelConfig.from_hf(dict(base)) == config_from_hf(dict(base))
+
+
+def test_gemma_config_spellings():
+    base = dict(vocab_size=10, hidden_size=64, intermediate_size=8, num_hidden_layers=7,
+                num_attention_heads=4, head_dim=16, max_position_embeddings=64)
+    g2 = config_from_hf(dict(base, architectures=["Gemma2ForCausalLM"]))  # HF's defaults where unsaid
+    assert g2.layer_types == ("sliding_attention", "full_attention") * 3 + ("sliding_attention",)
+    assert (g2.attn_logit_softcap, g2.final_logit_softcap, g2.sliding_window) == (50.0, 30.0, 4096)
+    assert g2.tie_word_embeddings and g2.hidden_act == "gelu_pytorch_tanh" and g2.local_rope_theta is None
+    # A Gemma 3 config.json from before transformers 5: theta pair, global-only scaling, a pattern.
+    legacy = config_from_hf(dict(base, architectures=["Gemma3ForCausalLM"], rope_theta=1e6, sliding_window=4,
+                                 rope_local_base_freq=1e4, rope_scaling=dict(rope_type="linear", factor=8.0),
+                                 sliding_window_pattern=3, attn_logit_softcapping=20.0))
+    v5 = config_from_hf(dict(base, architectures=["Gemma3ForCausalLM"], sliding_window=4,
+                             rope_parameters=dict(
+                                 full_attention=dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+                                 sliding_attention=dict(rope_type="default", rope_theta=1e4))))
+    assert legacy == dataclasses.replace(v5, layer_types=legacy.layer_types)
+    assert legacy.layer_types[:3] == ("sliding_attention", "sliding_attention", "full_attention")
+    assert v5.layer_types[5] == "full_attention" and v5.attn_logit_softcap is None and v5.qk_norm
+    assert [v5.rope_of(i)[0] for i in (0, 5)] == [1e4, 1e6] and v5.rope_of(5)[1].factor == 8.0
+    with pytest.raises(ValueError, match="per layer type"):
+        config_from_hf(dict(base, architectures=["Gemma3ForCausalLM"], rope_parameters=dict(rope_theta=1e4)))
+    with pytest.raises(ValueError, match="bidirectional"):
+        config_from_hf(dict(base, architectures=["Gemma3ForCausalLM"], use_bidirectional_attention=True))
+    with pytest.raises(UnsupportedArchitectureError, match="vision tower.*Gemma3ForCausalLM"):
+        config_from_hf(dict(base, architectures=["Gemma3ForConditionalGeneration"]))
 
 
 def test_assign_params_reports_every_problem():

@@ -1,0 +1,40 @@
+"""Which ragged paged attention implementation a platform runs.
+
+Owns: `attention_fn_for` and the backend names (the future `--attention-backend` flag's values).
+Must not: import a kernel's internals or read anything but its arguments and one env variable.
+
+`auto` picks the Pallas GPU kernel on NVIDIA GPUs and the pure-JAX reference everywhere else;
+`reference` forces the reference (e.g. to compare, or to step around a kernel problem); `pallas`
+demands the GPU kernel. TGX_ATTENTION_BACKEND sets the default when no backend is passed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import jax
+
+from engine.pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from engine.pallas_kernels.ragged_paged_attention_gpu import ragged_paged_attention_gpu
+
+BACKENDS = ("auto", "reference", "pallas")
+ENV_VAR = "TGX_ATTENTION_BACKEND"
+_GPU_PLATFORMS = ("gpu", "cuda")
+
+
+def attention_fn_for(platform: str | None = None, backend: str | None = None) -> Callable[..., tuple]:
+    """The attention function (an engine.models.base.AttentionFn) for `platform` under `backend`.
+
+    `platform` defaults to jax's default backend.
+    """
+    backend = backend or os.environ.get(ENV_VAR) or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    platform = platform or jax.default_backend()
+    on_gpu = platform in _GPU_PLATFORMS
+    if backend == "pallas" and not on_gpu:
+        raise ValueError(f"the 'pallas' attention backend needs an NVIDIA GPU; this platform is {platform!r}")
+    if backend == "reference" or not on_gpu:
+        return ragged_paged_attention
+    return ragged_paged_attention_gpu

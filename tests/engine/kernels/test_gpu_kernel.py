@@ -1,0 +1,164 @@
+"""Tests of the GPU ragged paged attention kernels against the pure-JAX reference, and of dispatch.
+
+Owns: random ragged steps (decodes with long contexts, prefill chunks at nonzero starts, fresh
+prefills, padding tokens and rows, tokens that see nothing) run through the kernels in Pallas' CPU
+interpreter, the same at realistic shapes compiled on a GPU (`gpu` mark), and the backend choice.
+Must not: test the reference itself (test_reference_attention.py does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine.pallas_kernels import dispatch
+from engine.pallas_kernels.ragged_paged_attention import (
+    AttentionMetadata,
+    kv_cache_shape,
+    naive_ragged_paged_attention,
+    ragged_paged_attention,
+)
+from engine.pallas_kernels.ragged_paged_attention_gpu import ragged_paged_attention_gpu
+from engine.pallas_kernels.ragged_paged_attention_gpu.tuned_block_sizes import INTERPRET
+from tests.engine.models.paged import Step, TinyPagedEngine
+
+NUM_PAGES = 200
+on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+
+
+@functools.cache
+def _jitted(fn, sm_scale, window, cap, **kw):
+    return jax.jit(functools.partial(fn, sm_scale=sm_scale, sliding_window=window, soft_cap=cap, **kw))
+
+
+def _step(rng, engine, requests, *, num_tokens, num_rows, max_pages) -> Step:
+    """requests: (context already cached, new tokens) each, in a random order."""
+    order = rng.permutation(len(requests))
+    for i in order:
+        engine.advance(int(i), requests[i][0])
+    return engine.step([(int(i), [0] * requests[i][1]) for i in order],
+                       num_tokens=num_tokens, num_rows=num_rows, max_pages=max_pages)
+
+
+def _padding_to_empty_row(step: Step) -> Step:
+    """Every other padding token goes to an empty row: it must see no key and give 0."""
+    seq_lens = np.asarray(step.md.seq_lens)
+    real = np.concatenate(step.token_index)
+    pad = np.setdiff1d(np.arange(step.md.positions.shape[0]), real)
+    token_seq = np.asarray(step.md.token_seq).copy()
+    token_seq[pad[::2]] = np.flatnonzero(seq_lens == 0)[0]
+    md = AttentionMetadata(step.md.positions, step.md.slot_mapping, jnp.asarray(token_seq),
+                           step.md.page_table, step.md.seq_lens)
+    return Step(step.input_ids, md, step.token_index, step.row)
+
+
+def _inputs(rng, num_tokens, n_heads, k_heads, head_dim, page_size, dtype, num_pages=NUM_PAGES):
+    shape = kv_cache_shape(num_pages, page_size, k_heads, head_dim)
+    cache = jnp.asarray(rng.standard_normal(shape), dtype)
+    q = jnp.asarray(rng.standard_normal((num_tokens, n_heads, head_dim)), dtype)
+    k = jnp.asarray(rng.standard_normal((num_tokens, k_heads, head_dim)), dtype)
+    v = jnp.asarray(rng.standard_normal((num_tokens, k_heads, head_dim)), dtype)
+    return q, k, v, cache
+
+
+NO_PREFETCH = dataclasses.replace(
+    INTERPRET,
+    prefill=dataclasses.replace(INTERPRET.prefill, prefetch_pages=False),
+    decode=dataclasses.replace(INTERPRET.decode, prefetch_pages=False),
+)
+CASES = [
+    # dtype, page_size, kv heads, q heads per kv head, sliding_window, soft_cap, block sizes
+    (jnp.float32, 4, 2, 2, None, None, INTERPRET),
+    (jnp.float32, 16, 1, 4, 7, 20.0, INTERPRET),
+    (jnp.bfloat16, 16, 2, 2, 150, None, INTERPRET),
+    (jnp.bfloat16, 4, 1, 3, None, 5.0, INTERPRET),  # a group that is not a power of two
+    (jnp.float32, 8, 1, 2, None, None, NO_PREFETCH),
+]
+
+
+@pytest.mark.parametrize("dtype,page_size,k_heads,group,window,cap,sizes", CASES)
+def test_interpreted_kernel_matches_oracle(dtype, page_size, k_heads, group, window, cap, sizes):
+    rng = np.random.default_rng()
+    h = 16
+    engine = TinyPagedEngine(num_pages=NUM_PAGES, page_size=page_size, seed=int(rng.integers(1 << 31)))
+    requests = [
+        (int(rng.integers(130, 300)), 1),  # decodes split over several programs
+        (int(rng.integers(1, 20)), 1),
+        (int(rng.integers(60, 150)), int(rng.integers(20, 30))),  # chunk at a nonzero start
+        (0, int(rng.integers(10, 25))),  # fresh prefill
+        (int(rng.integers(5, 40)), 2),
+    ]
+    step = _padding_to_empty_row(_step(rng, engine, requests, num_tokens=80, num_rows=8,
+                                       max_pages=-(-320 // page_size)))
+    q, k, v, cache = _inputs(rng, 80, k_heads * group, k_heads, h, page_size, dtype)
+    out, new_cache = _jitted(ragged_paged_attention_gpu, h**-0.5, window, cap, interpret=True,
+                             block_sizes=sizes)(q, k, v, cache, step.md)
+    want, want_cache = _jitted(naive_ragged_paged_attention, h**-0.5, window, cap)(q, k, v, cache, step.md)
+    assert out.dtype == dtype and out.shape == q.shape
+    out, want = np.asarray(out, np.float32), np.asarray(want, np.float32)
+    assert np.isfinite(out).all()
+    tol = 2e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(out, want, atol=tol, rtol=tol)
+    no_keys = np.asarray(step.md.seq_lens)[np.asarray(step.md.token_seq)] == 0
+    assert no_keys.any() and (out[no_keys] == 0).all()
+    np.testing.assert_array_equal(np.asarray(new_cache, np.float32), np.asarray(want_cache, np.float32))
+
+
+def test_unsupported_head_dim_falls_back_to_reference():
+    rng = np.random.default_rng()
+    engine = TinyPagedEngine(num_pages=NUM_PAGES, page_size=4, seed=int(rng.integers(1 << 31)))
+    step = _step(rng, engine, [(9, 1), (0, 5)], num_tokens=8, num_rows=4, max_pages=8)
+    q, k, v, cache = _inputs(rng, 8, 4, 2, 24, 4, jnp.float32)
+    got = _jitted(ragged_paged_attention_gpu, 0.2, None, None)(q, k, v, cache, step.md)
+    want = _jitted(ragged_paged_attention, 0.2, None, None)(q, k, v, cache, step.md)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dispatch_picks_kernel_on_gpu_only(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert dispatch.attention_fn_for("gpu") is ragged_paged_attention_gpu
+    assert dispatch.attention_fn_for("cpu") is ragged_paged_attention
+    assert dispatch.attention_fn_for("tpu") is ragged_paged_attention
+    assert dispatch.attention_fn_for("gpu", backend="reference") is ragged_paged_attention
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    assert dispatch.attention_fn_for("gpu") is ragged_paged_attention
+    with pytest.raises(ValueError, match="attention backend 'flash'.*auto, reference, pallas"):
+        dispatch.attention_fn_for("gpu", backend="flash")
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+        dispatch.attention_fn_for("cpu", backend="pallas")
+
+
+def _rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("dtype,window,cap", [(jnp.bfloat16, None, None), (jnp.float32, None, None),
+                                              (jnp.bfloat16, 700, 30.0)])
+def test_compiled_kernel_matches_reference_on_gpu(dtype, window, cap):
+    """Llama-8B attention shapes (32 q / 8 kv heads, head dim 128, pages of 16), mixed step."""
+    rng = np.random.default_rng()
+    page_size, h = 16, 128
+    num_pages = 6000
+    engine = TinyPagedEngine(num_pages=num_pages, page_size=page_size, seed=int(rng.integers(1 << 31)))
+    requests = [(int(rng.integers(1, 3000)), 1) for _ in range(24)]  # decodes
+    requests += [(int(rng.integers(200, 900)), 150), (0, 300), (37, 17)]  # prefill chunks
+    step = _padding_to_empty_row(_step(rng, engine, requests, num_tokens=512, num_rows=32, max_pages=256))
+    q, k, v, cache = _inputs(rng, 512, 32, 8, h, page_size, dtype, num_pages)
+    scale = h**-0.5
+    out, new_cache = _jitted(ragged_paged_attention_gpu, scale, window, cap)(q, k, v, cache, step.md)
+    want, want_cache = _jitted(ragged_paged_attention, scale, window, cap)(q, k, v, cache, step.md)
+    real = np.concatenate(step.token_index)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    err = _rel_err(np.asarray(out, np.float32)[real], np.asarray(want, np.float32)[real])
+    assert err < (1e-4 if dtype == jnp.float32 else 1e-2), err
+    # Page 0 is excluded: padding tokens race for its slots (duplicate scatter indices on a GPU).
+    np.testing.assert_array_equal(np.asarray(new_cache[:, 1:], np.float32), np.asarray(want_cache[:, 1:], np.float32))
