@@ -49,6 +49,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "memory-fraction", float, 0.9, "fraction of device memory to use")
     _flag(parser, "max-top-n-tokens", int, 5, "most top-n alternatives a request may ask for")
     _flag(parser, "compilation-cache-dir", help="persistent XLA compilation cache directory")
+    _flag(parser, "attention-backend", str, "auto",
+          "ragged paged attention: auto (Pallas kernel on NVIDIA GPUs, pure-JAX reference elsewhere), reference, pallas")
     _flag(parser, "disable-chunked-prefill", bool, False, "prefill each prompt in one step")
     _flag(parser, "disable-prefill-logprobs", bool, False, "don't compile the prompt-logprobs programs")
     _flag(parser, "num-shard", int, None, "devices that split one model copy (tensor parallel; default: all devices / data-parallel-size)")
@@ -90,6 +92,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_chunked_prefill=not args.disable_chunked_prefill,
         enable_prefill_logprobs=not args.disable_prefill_logprobs,
         compilation_cache_dir=args.compilation_cache_dir,
+        attention_backend=args.attention_backend,
         sharding=sharding_config(args),
     )
 

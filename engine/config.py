@@ -66,6 +66,8 @@ class EngineConfig:
     enable_prefill_logprobs: bool = True
     min_token_bucket: int = 16
     compilation_cache_dir: str | None = None
+    # auto | reference | pallas (engine.pallas_kernels.dispatch checks the name at start-up).
+    attention_backend: str = "auto"
     sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)  # not wired in yet
 
     def __post_init__(self) -> None:

@@ -22,8 +22,10 @@ from engine.api import EngineInfo, GeneratedToken, RequestOutput, TokenLogprob
 from engine.config import EngineConfig, KVGroupSpec, Limits, resolve_limits
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheGroup, KVCacheGroups, PageAllocator
+from engine.models.base import set_attention_fn
 from engine.models.config import ModelConfig
 from engine.models.loader import LoadedModel, load_model
+from engine.pallas_kernels.dispatch import attention_fn_for
 from engine.profiling import phase
 from engine.request import FinishReason, Request
 from engine.runner import ModelRunner, Progress, StepOutput
@@ -94,6 +96,9 @@ class LLMEngine:
             ),
             self.kv_groups,
         )
+        attention_fn = attention_fn_for(backend=cfg.attention_backend)
+        set_attention_fn(loaded.model, attention_fn)
+        log.info("attention: %s (%s backend)", attention_fn.__name__, cfg.attention_backend)
         self.runner = ModelRunner(
             loaded.model,
             self.limits,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import jax
+from flax import nnx
 
 from engine.models.config import ModelConfig
 from engine.pallas_kernels.ragged_paged_attention.metadata import AttentionMetadata
@@ -49,3 +50,16 @@ class CausalLM(Protocol):
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:  # [R, D] -> [R, V] float32
         ...
+
+
+def set_attention_fn(model: nnx.Module, attention_fn: AttentionFn) -> int:
+    """Points every attention block of `model` at `attention_fn` (static: do it before jit/split).
+
+    Returns how many blocks were changed, so a caller can tell a model without any apart.
+    """
+    count = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module) and hasattr(node, "attention_fn"):
+            node.attention_fn = attention_fn
+            count += 1
+    return count
