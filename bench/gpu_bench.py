@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -72,7 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", default="1,16,64,256", help="serving concurrencies")
     p.add_argument("--serve-input-len", type=int, default=1024)
     p.add_argument("--serve-output-len", type=int, default=128)
-    p.add_argument("--serve-min-prompts", type=int, default=32, help="prompts per level: max(4 x concurrency, this)")
+    p.add_argument(
+        "--serve-min-prompts", type=int, default=32, help="prompts per level: max(4 x concurrency, this)"
+    )
     p.add_argument("--serve-start-timeout", type=float, default=1200.0)
     p.add_argument("--offline-json", type=Path, default=None,
                    help="an earlier --json-out whose offline figures the serving part compares with")  # fmt: skip
@@ -123,7 +124,9 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, log: Path) ->
     start = last = time.monotonic()
     while True:
         if proc.poll() is not None:
-            raise PartFailed(f"tgx serve exited with code {proc.returncode} before it was healthy:\n{_tail(log, 30)}")
+            raise PartFailed(
+                f"tgx serve exited with code {proc.returncode} before it was healthy:\n{_tail(log, 30)}"
+            )
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
@@ -152,8 +155,10 @@ def serving(args: argparse.Namespace, report: dict) -> dict:
            "--port", url.rsplit(":", 1)[1], "--max-concurrent-requests", str(max(levels) + 16)]  # fmt: skip
     log = Path(tempfile.mkdtemp(prefix="tgx-gpu-bench-")) / "serve.log"
     say(f"serving: starting tgx serve, log in {log} (" + " ".join(cmd[3:]) + ")")
-    with open(log, "wb") as f:  # its per-request access log would drown the progress lines
-        proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
+    # Same session as this script: if the device tool kills the run, tgx serve goes with it. Its
+    # per-request access log would drown the progress lines: it goes to a file.
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     runs = []
     try:
         wait_healthy(proc, url, args.serve_start_timeout, log)
@@ -163,7 +168,9 @@ def serving(args: argparse.Namespace, report: dict) -> dict:
         httpx.post(f"{url}/v1/completions", json=warm, timeout=600).raise_for_status()
         for c in levels:
             n = max(4 * c, args.serve_min_prompts)
-            say(f"serving: concurrency {c}, {n} prompts of {args.serve_input_len} in / {args.serve_output_len} out")
+            say(
+                f"serving: concurrency {c}, {n} prompts of {args.serve_input_len} in / {args.serve_output_len} out"
+            )
             with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
                 out = Path(f.name)
             rc = subprocess.run(
@@ -176,13 +183,15 @@ def serving(args: argparse.Namespace, report: dict) -> dict:
             out.unlink()
             runs.append(result)
             if rc != 0:
-                say(f"serving: concurrency {c}: {result.get('failed')} requests failed {result.get('errors', '')}")
+                say(
+                    f"serving: concurrency {c}: {result.get('failed')} requests failed {result.get('errors', '')}"
+                )
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.terminate()  # the launcher stops the router, then the engine
         try:
             proc.wait(120)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
     offline = report.get("offline") or (json.loads(args.offline_json.read_text()).get("offline")
                                          if args.offline_json else None)  # fmt: skip
     same = next((w for w in offline or [] if (w["input_len"], w["output_len"])
@@ -238,7 +247,9 @@ def print_single(e: dict) -> None:
     floor_ms = s["floor_ms_per_token"] = e["weight_bytes_read_per_step"] / copy["bytes_per_s"] * 1e3
     ms = s["decode_ms_per_token"]
     weights = f"{e['weight_bytes'] / 1e9:.2f} GB ({e['weight_bytes_read_per_step'] / 1e9:.2f} GB read per decode step)"
-    bandwidth = f"{copy['bytes_per_s'] / 1e9:.0f} GB/s (read + written, {copy['bytes'] / 2**30:.2f} GiB array)"
+    bandwidth = (
+        f"{copy['bytes_per_s'] / 1e9:.0f} GB/s (read + written, {copy['bytes'] / 2**30:.2f} GiB array)"
+    )
     rows = [
         ["device", e["device"]],
         ["model", f"{e['model']} ({e['dtype']})"],
@@ -249,7 +260,9 @@ def print_single(e: dict) -> None:
         ["decode vs floor", f"{ms / floor_ms:.2f}x the floor (the floor is {floor_ms / ms:.0%} of decode)"],
         ["TTFT", f"{s['ttft_ms']:.1f} ms"],
     ]
-    title = f"Single stream: {s['input_len']} in / {s['output_len']} out, EOS ignored, median of {len(s['runs'])}"
+    title = (
+        f"Single stream: {s['input_len']} in / {s['output_len']} out, EOS ignored, median of {len(s['runs'])}"
+    )
     table(title, ["metric", "value"], rows, align="ll")
 
 
@@ -267,8 +280,10 @@ def _throughput_row(name: str, w: dict) -> list:
 def print_offline(e: dict, hf: dict | None) -> None:
     rows = [_throughput_row("tgx", w) for w in e["offline"]]
     notes = [
-        (f"engine: max batch {e['max_batch_size']}, prefill {e['max_batch_prefill_tokens']} tokens/step, "
-        f"KV {e['kv_capacity_tokens']:,} tokens, {e['compiled_programs']} programs")
+        (
+            f"engine: max batch {e['max_batch_size']}, prefill {e['max_batch_prefill_tokens']} tokens/step, "
+            f"KV {e['kv_capacity_tokens']:,} tokens, {e['compiled_programs']} programs"
+        )
     ]
     if hf and "error" not in hf:
         rows.append(_throughput_row("HF generate_batch", hf))
@@ -277,12 +292,18 @@ def print_offline(e: dict, hf: dict | None) -> None:
         a, b = ours["first_prompt_tokens"], hf["first_prompt_tokens"]
         agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         notes += [
-            (f"tgx / HF output tokens/s on {ours['input_len']}/{ours['output_len']}: {ratio:.2f}x (HF ran the first "
-            f"{hf['num_prompts']} of the {ours['num_prompts']} prompts: rates compared, not totals)"),
-            (f"HF: transformers {hf['transformers']}, attention {hf['attn_implementation']}, timed from the first "
-            f"request to the last finish ({hf['wall_s']:.1f} s with generate_batch's set-up), {hf['failed']} failed"),
-            (f"same weights: greedy tokens of prompt 0 agree for the first {agree} of {len(a)} (random weights "
-            "give near-ties, which rounding differences split early)"),
+            (
+                f"tgx / HF output tokens/s on {ours['input_len']}/{ours['output_len']}: {ratio:.2f}x (HF ran the first "
+                f"{hf['num_prompts']} of the {ours['num_prompts']} prompts: rates compared, not totals)"
+            ),
+            (
+                f"HF: transformers {hf['transformers']}, attention {hf['attn_implementation']}, timed from the first "
+                f"request to the last finish ({hf['wall_s']:.1f} s with generate_batch's set-up), {hf['failed']} failed"
+            ),
+            (
+                f"same weights: greedy tokens of prompt 0 agree for the first {agree} of {len(a)} (random weights "
+                "give near-ties, which rounding differences split early)"
+            ),
         ]
     elif hf:
         notes.append(f"HF comparison failed: {hf['error']}")
@@ -306,7 +327,9 @@ def print_serving(s: dict) -> None:
     frac = s["http_vs_offline"]
     top = s["runs"][-1].get("concurrency") if s["runs"] else "?"
     if frac is None:
-        notes = ["HTTP vs offline: no offline run of this workload here (add --parts offline, or --offline-json)"]
+        notes = [
+            "HTTP vs offline: no offline run of this workload here (add --parts offline, or --offline-json)"
+        ]
     else:
         notes = [f"HTTP output tok/s at concurrency {top} / offline on the same workload: {frac:.2f}"]
     header = ["concurrency", "done", "failed", "req/s", "out tok/s", "TTFT med/p99 ms", "TPOT med/p99 ms",
@@ -358,7 +381,11 @@ def main() -> int:
         save()
 
     def engine_parts() -> None:
-        say("engine: building the random-weight engine (" + ", ".join(p for p in args.parts if p in ("single", "offline")) + ")")
+        say(
+            "engine: building the random-weight engine ("
+            + ", ".join(p for p in args.parts if p in ("single", "offline"))
+            + ")"
+        )
         e = report["engine"] = child("engine")
         report["offline"] = e.get("offline")
         if "single" in args.parts:

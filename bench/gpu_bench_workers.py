@@ -22,7 +22,7 @@ from engine.sampling_params import SamplingParams
 
 
 def workloads(spec: str) -> list[tuple[int, int]]:
-    """"256x256,1024x128" -> [(256, 256), (1024, 128)] (input x output tokens)."""
+    """ "256x256,1024x128" -> [(256, 256), (1024, 128)] (input x output tokens)."""
     out = []
     for item in spec.split(","):
         i, o = item.lower().split("x")
@@ -100,7 +100,9 @@ def single_stream(engine, args, vocab: int, special: set[int]) -> dict:
     engine.add_request(warm, SamplingParams(max_new_tokens=8, ignore_eos=True))
     _drain(engine)  # first-touch costs (allocator growth, host caches) stay out of the timed runs
     runs = []
-    for i, prompt in enumerate(prompts(args.seed + 2, args.single_runs, args.single_input_len, vocab, special)):
+    for i, prompt in enumerate(
+        prompts(args.seed + 2, args.single_runs, args.single_input_len, vocab, special)
+    ):
         times: list[float] = []
         engine.add_request(prompt, SamplingParams(max_new_tokens=args.single_output_len, ignore_eos=True))
         start = time.perf_counter()
@@ -135,7 +137,9 @@ def offline(engine, args, input_len: int, output_len: int, vocab: int, special: 
     start = time.perf_counter()
     generated, steps = _drain(engine, on_token)
     elapsed = time.perf_counter() - start
-    assert generated == len(batch) * output_len, f"generated {generated} tokens, expected {len(batch) * output_len}"
+    assert generated == len(batch) * output_len, (
+        f"generated {generated} tokens, expected {len(batch) * output_len}"
+    )
     return {
         "input_len": input_len,
         "output_len": output_len,

@@ -98,7 +98,9 @@ class Profiler:
             seconds = time.monotonic() - self._started
             jax.profiler.stop_trace()  # writes the files: seconds for a long or busy trace
         result = _result(path, seconds)
-        log.info("profile of %.1f s written to %s (perfetto: %s)", seconds, path, result.perfetto_trace or "none")
+        log.info(
+            "profile of %.1f s written to %s (perfetto: %s)", seconds, path, result.perfetto_trace or "none"
+        )
         return result
 
     def capture(self, seconds: float) -> ProfileResult:

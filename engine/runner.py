@@ -268,7 +268,9 @@ class ModelRunner:
         rows, variant = self._sampling_rows(schedule)
         history = self._history_len if variant.use_penalties else None
         smd = sampling.build_sampling_metadata(rows, r_pad, history)
-        return _StepInputs(t_pad, r_pad, variant, input_ids, md, logits_indices, smd, targets, len(chunks), num_tokens)
+        return _StepInputs(
+            t_pad, r_pad, variant, input_ids, md, logits_indices, smd, targets, len(chunks), num_tokens
+        )
 
     def execute(self, schedule: Schedule) -> StepOutput:
         with phase("prepare_inputs"):

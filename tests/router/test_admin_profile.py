@@ -23,8 +23,14 @@ def test_seconds_from_query_or_body_and_the_answer(make_client):
     body = r.json()
     assert body["seconds"] == q and body["trace_dir"] == "/tmp/fake-profile/capture-1"
     assert body["xplane"].endswith(".xplane.pb") and body["perfetto_trace"].endswith("perfetto_trace.json.gz")
-    assert body["trace_dir"] in body["open_with"]["xprof"] and body["trace_dir"] in body["open_with"]["tensorboard"]
-    assert body["perfetto_trace"] in body["open_with"]["perfetto"] and "ui.perfetto.dev" in body["open_with"]["perfetto"]
+    assert (
+        body["trace_dir"] in body["open_with"]["xprof"]
+        and body["trace_dir"] in body["open_with"]["tensorboard"]
+    )
+    assert (
+        body["perfetto_trace"] in body["open_with"]["perfetto"]
+        and "ui.perfetto.dev" in body["open_with"]["perfetto"]
+    )
     b = random.randint(1, 120)
     assert client.post("/admin/profile", json={"seconds": b}).status_code == 200
     assert client.post("/admin/profile").status_code == 200  # no seconds: the default
