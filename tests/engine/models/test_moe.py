@@ -178,12 +178,14 @@ def test_grouped_dispatch_equals_per_token_experts(normalize, shared):
     moe.gate.weight.set_value(gate.at[4].set(-10.0))
     graphdef, state = nnx.split(moe)
     fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    used = set()
     for t in (37, 37, 5):  # a second routing reuses the first program; 5 tokens is a new bucket
         x = np.abs(np.random.default_rng().normal(size=(t, 32))).astype(np.float32)
         got = np.asarray(fn(state, jnp.asarray(x)))
         weights, experts = map(np.asarray, route(jnp.asarray(x) @ moe.gate.weight.get_value().T, 2,
                                                  normalize=normalize))
-        assert 4 not in experts and len(np.unique(experts)) > 2
+        assert 4 not in experts
+        used.update(np.unique(experts).tolist())
         if normalize:
             np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
         gu, down = (np.asarray(w.get_value()) for w in (moe.experts.gate_up_proj, moe.experts.down_proj))
@@ -199,6 +201,8 @@ def test_grouped_dispatch_equals_per_token_experts(normalize, shared):
             g, u = x @ wg.T, x @ wu.T
             want += ((g / (1 + np.exp(-g)) * u) @ wd.T) / (1 + np.exp(-(x @ ws.T)))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Over the three batches (not within 5 same-signed tokens, which may all pick one pair).
+    assert len(used) > 2
     assert fn._cache_size() == 2
 
 
