@@ -129,6 +129,29 @@ class Limits:
     def max_pages_per_seq(self) -> int:
         return math.ceil(self.max_total_tokens / self.page_size)
 
+    def check_request(
+        self, ids: Sequence[int], max_new_tokens: int, top_n_tokens: int, *, max_top_n_tokens: int, vocab_size: int
+    ) -> None:
+        """Raises ValueError with TGI's wording when a tokenized request breaks a limit."""
+        if not ids:
+            raise ValueError("Input validation error: `inputs` cannot be empty")
+        if len(ids) > self.max_input_tokens:
+            raise ValueError(
+                f"Input validation error: `inputs` tokens must be <= {self.max_input_tokens}. Given: {len(ids)}"
+            )
+        if len(ids) + max_new_tokens > self.max_total_tokens:
+            raise ValueError(
+                f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {self.max_total_tokens}. "
+                f"Given: {len(ids)} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
+            )
+        if top_n_tokens > max_top_n_tokens:
+            raise ValueError(
+                f"Input validation error: `top_n_tokens` must be >= 0 and <= {max_top_n_tokens}. "
+                f"Given: {top_n_tokens}"
+            )
+        if any(not 0 <= t < vocab_size for t in ids):
+            raise ValueError(f"Input validation error: token ids must be in [0, {vocab_size})")
+
 
 def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     sizes, n = [], lo

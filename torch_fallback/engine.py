@@ -191,26 +191,8 @@ class TorchEngine:
                 "the logits of the last prompt token"
             )
         ids = self.tokenize(prompt)
-        limits = self.limits
-        if not ids:
-            raise ValueError("Input validation error: `inputs` cannot be empty")
-        if len(ids) > limits.max_input_tokens:
-            raise ValueError(
-                f"Input validation error: `inputs` tokens must be <= {limits.max_input_tokens}. Given: {len(ids)}"
-            )
-        if len(ids) + params.max_new_tokens > limits.max_total_tokens:
-            raise ValueError(
-                f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
-                f"Given: {len(ids)} `inputs` tokens and {params.max_new_tokens} `max_new_tokens`"
-            )
-        if params.top_n_tokens > self.cfg.max_top_n_tokens:
-            raise ValueError(
-                f"Input validation error: `top_n_tokens` must be >= 0 and <= {self.cfg.max_top_n_tokens}. "
-                f"Given: {params.top_n_tokens}"
-            )
-        vocab = self.loaded.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"Input validation error: token ids must be in [0, {vocab})")
+        self.limits.check_request(ids, params.max_new_tokens, params.top_n_tokens,
+                                  max_top_n_tokens=self.cfg.max_top_n_tokens, vocab_size=self.loaded.vocab_size)
         return ids
 
     def add_request(
