@@ -53,7 +53,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
           "ragged paged attention: auto (Pallas kernel on NVIDIA GPUs, pure-JAX reference elsewhere), reference, pallas")
     _flag(parser, "disable-chunked-prefill", bool, False, "prefill each prompt in one step")
     _flag(parser, "disable-prefill-logprobs", bool, False, "don't compile the prompt-logprobs programs")
-    _flag(parser, "num-shard", int, None, "devices that split one model copy (tensor parallel; default: all devices / data-parallel-size)")
+    _flag(parser, "num-shard", int, None, "devices that split one model copy (tensor parallel; default: all accelerators / data-parallel-size, 1 on CPU)")
     _flag(parser, "data-parallel-size", int, 1, "model replicas, each serving its own batch")
     _flag(parser, "coordinator-address", help="multi-host: host:port of process 0 (default: detected on Cloud TPU VMs, Slurm, Open MPI)")
     _flag(parser, "num-processes", int, None, "multi-host: number of processes (hosts)")

@@ -68,7 +68,7 @@ class EngineConfig:
     compilation_cache_dir: str | None = None
     # auto | reference | pallas (engine.pallas_kernels.dispatch checks the name at start-up).
     attention_backend: str = "auto"
-    sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)  # not wired in yet
+    sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)  # mesh, replicas, hosts
 
     def __post_init__(self) -> None:
         try:

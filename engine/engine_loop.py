@@ -116,6 +116,8 @@ class EngineLoop:
                 except queue.Empty:
                     pass
                 seconds, stepped = 0.0, []
+                if not self.engine.has_unfinished() and hasattr(self.engine, "on_idle"):
+                    self.engine.on_idle()  # e.g. a multi-host leader's keep-alive to its followers
                 if self.engine.has_unfinished():
                     start = time.perf_counter()
                     stepped = self.engine.step()

@@ -31,6 +31,9 @@ from collections.abc import Mapping, Sequence
 log = logging.getLogger("tgx.launcher")
 
 ROUTER_CONNECT_TIMEOUT_S = 60  # the engine is already serving when the router starts
+# After the engine dies the router stays this long answering /health with 503 (and failing the
+# requests that were in flight), so load balancers and probes see "unhealthy", not a closed port.
+ENGINE_DEATH_LINGER_S = 10.0
 STOP_TIMEOUT_S = 30  # per child, after SIGTERM, before SIGKILL
 PROFILE_STOP_TIMEOUT_S = 600  # an engine writing a --profile-dir trace of the whole run needs longer
 
@@ -87,6 +90,7 @@ class LaunchPlan:
     router_env: Mapping[str, str]  # added to the inherited environment
     temp_dir: str | None = None  # created for the socket; removed at exit
     engine_stop_timeout: float = STOP_TIMEOUT_S
+    engine_death_linger: float = ENGINE_DEATH_LINGER_S
 
 
 def _engine_argv(args: argparse.Namespace) -> list[str]:
@@ -161,8 +165,23 @@ def _stop(proc: subprocess.Popen | None, name: str, timeout: float = STOP_TIMEOU
         proc.wait()
 
 
+def _follower_marker(socket_path: str) -> str:
+    return socket_path + ".follower"  # engine.rpc.server.follower_marker; not imported: it pulls in grpc
+
+
+def _linger(router: subprocess.Popen, seconds: float, poll_s: float, signals: list[int]) -> None:
+    """Keeps the router up a while after the engine died, so /health reports 503 before the port closes."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and router.poll() is None and not signals:
+        time.sleep(poll_s)
+
+
 def run(p: LaunchPlan, poll_s: float = 0.2) -> int:
-    """Starts and supervises both children; returns the exit code for `tgx serve`."""
+    """Starts and supervises both children; returns the exit code for `tgx serve`.
+
+    A multi-host follower's engine (process id > 0) serves no HTTP: it marks itself with a file
+    beside the socket instead of binding it, and then only the engine is supervised.
+    """
     signals: list[int] = []
     previous = {s: signal.signal(s, lambda n, _f: signals.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
     engine = router = None
@@ -173,12 +192,22 @@ def run(p: LaunchPlan, poll_s: float = 0.2) -> int:
             p.engine_cmd
         )  # stderr inherited: its loading/compiling progress shows as is
         log.info("engine process started (pid %d), loading the model", engine.pid)
+        marker = _follower_marker(p.socket_path)
         while not os.path.exists(p.socket_path):  # the server binds its socket once the model is warm
             if signals:
                 return 0
             if (rc := engine.poll()) is not None:
                 log.error("engine process exited with %s before it was ready", _how(rc))
                 return _exit_code(rc)
+            if os.path.exists(marker):
+                log.info("this host follows process 0's steps; process 0 serves HTTP")
+                while (rc := engine.poll()) is None:
+                    if signals:
+                        return 0
+                    time.sleep(poll_s)
+                if rc:
+                    log.error("engine process exited with %s", _how(rc))
+                return _exit_code(rc) if rc else 0
             time.sleep(poll_s)
         router = subprocess.Popen(p.router_cmd, env={**os.environ, **p.router_env})
         log.info("router process started (pid %d)", router.pid)
@@ -187,7 +216,9 @@ def run(p: LaunchPlan, poll_s: float = 0.2) -> int:
                 log.info("stopping on signal %d", signals[0])
                 return 0
             if (rc := engine.poll()) is not None:
-                log.error("engine process exited with %s; stopping the router", _how(rc))
+                log.error("engine process exited with %s; stopping the router in %g s", _how(rc),
+                          p.engine_death_linger)
+                _linger(router, p.engine_death_linger, poll_s, signals)
                 return _exit_code(rc)
             if (rc := router.poll()) is not None:
                 log.error("router process exited with %s; stopping the engine", _how(rc))

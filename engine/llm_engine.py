@@ -4,6 +4,12 @@ Owns: start-up (load, size the KV cache, warm up), request admission and validat
 step's loop: schedule -> runner.execute -> scheduler.update -> detokenize and check stop strings.
 Must not: block on anything but the device, hold asyncio objects (engine.async_engine does), or
 touch device arrays (the runner does).
+
+Scale-out (engine.sharding): the weights and KV cache may be split over a (data, model) mesh. Each
+data-parallel replica has its own scheduler and KV page pools; a new request goes to the least
+loaded replica, and one step runs every replica's schedule in one program. With several processes
+(multi-host), process 0 is the leader: it schedules, broadcasts each step's inputs, and serves;
+every other process is a follower that runs `follow()`, executing the leader's steps until it stops.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 
 import jax
+from jax.sharding import Mesh
 
 from engine.api import EngineInfo, GeneratedToken, RequestOutput, TokenLogprob
 from engine.config import EngineConfig, KVGroupSpec, Limits, resolve_limits
@@ -31,8 +38,14 @@ from engine.request import FinishReason, Request
 from engine.runner import ModelRunner, Progress, StepOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Schedule, Scheduler, SchedulerConfig
+from engine.sharding import distributed
+from engine.sharding.attention import shard_attention
+from engine.sharding.config import LayoutError
+from engine.sharding.load import check_fits, layout_report, shard_model
+from engine.sharding.mesh import make_mesh
 
 log = logging.getLogger(__name__)
+_STOP = b"stop"  # the leader's last plan: followers exit cleanly
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +69,24 @@ def _kv_memory_budget(cfg: EngineConfig) -> tuple[int, bool]:
     return int(available * cfg.memory_fraction) // 2, False
 
 
-def _kv_group_specs(mc: ModelConfig, itemsize: int) -> list[KVGroupSpec]:
-    """Per KV cache group of the model: its window and the K/V bytes of one token over its layers."""
-    per_layer = 2 * mc.num_kv_heads * mc.head_dim * itemsize
+def _mesh_for(cfg: EngineConfig) -> Mesh | None:
+    """The (data, model) mesh the flags ask for; None for a single device (the unsharded fast path).
+
+    On CPU --num-shard defaults to 1: simulated CPU devices share the host's cores and memory, so
+    splitting a model over them only adds collectives. Accelerators default to every device, as TGI.
+    """
+    sc = cfg.sharding
+    devices = jax.devices()
+    if sc.tensor_parallel is None and devices[0].platform == "cpu":
+        sc = dataclasses.replace(sc, tensor_parallel=1)
+    mesh = make_mesh(sc, devices)
+    return None if mesh.devices.size == 1 else mesh
+
+
+def _kv_group_specs(mc: ModelConfig, itemsize: int, tensor_parallel: int = 1) -> list[KVGroupSpec]:
+    """Per KV cache group of the model: its window and the K/V bytes of one token over its layers,
+    on one device (each of `tensor_parallel` shards holds its share of the kv heads)."""
+    per_layer = 2 * (mc.num_kv_heads // tensor_parallel) * mc.head_dim * itemsize
     windows = mc.kv_cache_windows()
     layers = [sum(1 for i in range(mc.num_layers) if mc.kv_group_of(i) == g) for g in range(len(windows))]
     return [KVGroupSpec(w, n * per_layer) for w, n in zip(windows, layers)]
@@ -67,45 +95,73 @@ def _kv_group_specs(mc: ModelConfig, itemsize: int) -> list[KVGroupSpec]:
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, *, loaded: LoadedModel | None = None, progress: Progress | None = None):
         self.cfg = cfg
+        self.mesh = _mesh_for(cfg)
+        self.process = distributed.ProcessInfo(jax.process_index(), jax.process_count())
         if loaded is None:
             # The served length picks static rope variants (Phi-3 longrope short/long factors).
             loaded = load_model(cfg.model_id, revision=cfg.revision, dtype=cfg.dtype, progress=progress,
-                                max_model_len=cfg.max_total_tokens)
+                                max_model_len=cfg.max_total_tokens, mesh=self.mesh,
+                                memory_fraction=cfg.memory_fraction)
+        elif self.mesh is not None and loaded.layout is None:  # built whole (random weights, tests)
+            layout = shard_model(loaded.model, self.mesh)
+            loaded = dataclasses.replace(loaded, model=layout.model, config=layout.config, layout=layout)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         mc = loaded.config
+        tp = 1 if self.mesh is None else int(self.mesh.shape["model"])
         budget, is_accel = _kv_memory_budget(cfg)
         self.limits: Limits = resolve_limits(
             cfg,
             max_position_embeddings=mc.max_position_embeddings,
-            kv_groups=_kv_group_specs(mc, jax.numpy.dtype(loaded.dtype).itemsize),
+            kv_groups=_kv_group_specs(mc, jax.numpy.dtype(loaded.dtype).itemsize, tp),
             free_memory_bytes=budget,
             is_accelerator=is_accel,
         )
+        if loaded.layout is not None:
+            report = layout_report(loaded.layout, kv_dtype=loaded.dtype, memory_fraction=cfg.memory_fraction)
+            for line in str(report).splitlines():
+                log.info("layout: %s", line)
+            check_fits(report, min_kv_tokens=self.limits.max_total_tokens)
         page_size = self.limits.page_size
-        self.kv_groups = KVCacheGroups(
-            [KVCacheGroup(g.window, PageAllocator(g.num_pages, page_size)) for g in self.limits.kv_groups]
-        )
+        num_replicas = 1 if self.mesh is None else int(self.mesh.shape["data"])
+        # One scheduler and one set of page pools per data-parallel replica: replicas share nothing.
+        self.replica_kv_groups = [
+            KVCacheGroups([KVCacheGroup(g.window, PageAllocator(g.num_pages, page_size)) for g in self.limits.kv_groups])
+            for _ in range(num_replicas)
+        ]
+        self.kv_groups = self.replica_kv_groups[0]
         self._log_kv_groups()
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_batch_size=self.limits.max_batch_size,
-                max_batch_prefill_tokens=self.limits.max_batch_prefill_tokens,
-                max_total_tokens=self.limits.max_total_tokens,
-                enable_chunked_prefill=cfg.enable_chunked_prefill,
-            ),
-            self.kv_groups,
+        sched_cfg = SchedulerConfig(
+            max_batch_size=self.limits.max_batch_size,
+            max_batch_prefill_tokens=self.limits.max_batch_prefill_tokens,
+            max_total_tokens=self.limits.max_total_tokens,
+            enable_chunked_prefill=cfg.enable_chunked_prefill,
         )
+        self.schedulers = [Scheduler(sched_cfg, groups) for groups in self.replica_kv_groups]
+        self.scheduler = self.schedulers[0]
+        self._replica_of: dict[str, int] = {}
         attention_fn = attention_fn_for(backend=cfg.attention_backend)
-        set_attention_fn(loaded.model, attention_fn)
         log.info("attention: %s (%s backend)", attention_fn.__name__, cfg.attention_backend)
+        if self.mesh is not None:
+            attention_fn = shard_attention(attention_fn, self.mesh)
+        set_attention_fn(loaded.model, attention_fn)
         self.runner = ModelRunner(
             loaded.model,
             self.limits,
             max_top_n_tokens=cfg.max_top_n_tokens,
             enable_prefill_logprobs=cfg.enable_prefill_logprobs,
+            mesh=self.mesh,
         )
+        # Compiled before any step runs, so the step watchdog never times a compilation.
         self.warmup_seconds = self.runner.warmup(progress)
+        self._channel = self._watchdog = None
+        if self.process.num_processes > 1:
+            timeout = cfg.sharding.step_timeout_s
+            self._channel = distributed.PlanChannel(self.process, timeout_s=timeout)
+            self._watchdog = distributed.StepWatchdog(timeout, name=f"process {self.process.process_id}")
+            # The leader serves only once every host has compiled: a step would otherwise wait in its
+            # collectives on a host still compiling, and the watchdog would call that host hung.
+            self._channel.barrier("warm", cfg.sharding.initialization_timeout_s)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         # Prompt logprobs gathered chunk by chunk until the request's first output carries them.
         self._prompt_logprobs: dict[str, list[float]] = {}
@@ -130,7 +186,9 @@ class LLMEngine:
 
     def _log_kv_groups(self) -> None:
         limits = self.limits
-        log.info("KV cache: %d tokens for the running batch", limits.kv_capacity_tokens)
+        replicas = len(self.replica_kv_groups)
+        each = f" per replica ({replicas} replicas)" if replicas > 1 else ""
+        log.info("KV cache: %d tokens for the running batch%s", limits.kv_capacity_tokens, each)
         for g in limits.kv_groups:
             log.info(
                 "KV cache group %s: %d pages of %d (%d tokens, %.1f MiB)",
@@ -163,7 +221,9 @@ class LLMEngine:
         if request_id in self._detokenizers:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = Request.create(request_id, ids, params, frozenset(self.loaded.eos_token_ids))
-        self.scheduler.add_request(req)
+        replica = self._least_loaded()
+        self.schedulers[replica].add_request(req)
+        self._replica_of[request_id] = replica
         if params.prompt_logprobs and self.cfg.enable_prefill_logprobs:
             self._prompt_logprobs[request_id] = [math.nan]  # nothing precedes the first prompt token
         self._detokenizers[request_id] = IncrementalDetokenizer(
@@ -171,8 +231,16 @@ class LLMEngine:
         )
         return req
 
+    def _least_loaded(self) -> int:
+        """The replica with the fewest unfinished requests; the emptier KV cache breaks ties."""
+        if len(self.schedulers) == 1:
+            return 0
+        loads = [(s.num_running + s.num_waiting, g.usage()) for s, g in zip(self.schedulers, self.replica_kv_groups)]
+        return loads.index(min(loads))
+
     def abort(self, request_id: str) -> RequestOutput | None:
-        req = self.scheduler.abort_request(request_id)
+        replica = self._replica_of.pop(request_id, None)
+        req = self.schedulers[replica].abort_request(request_id) if replica is not None else None
         self._detokenizers.pop(request_id, None)
         self._prompt_logprobs.pop(request_id, None)
         if req is None:
@@ -180,13 +248,13 @@ class LLMEngine:
         return self._output(req, (), "", FinishReason.CANCELLED, None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return any(s.has_unfinished() for s in self.schedulers)
 
     def stats(self) -> EngineStats:
         return EngineStats(
-            num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting,
-            kv_cache_usage=self.kv_groups.usage(),
+            num_running=sum(s.num_running for s in self.schedulers),
+            num_waiting=sum(s.num_waiting for s in self.schedulers),
+            kv_cache_usage=max(g.usage() for g in self.replica_kv_groups),
             num_compiled_programs=self.runner.num_compiled_programs,
         )
 
@@ -196,19 +264,52 @@ class LLMEngine:
         # The phases show as host ranges tgx.* in a profiler trace (engine/profiling.py).
         with phase("step"):
             with phase("schedule"):
-                schedule = self.scheduler.schedule()
-            if schedule.is_empty:
+                schedules = [s.schedule() for s in self.schedulers]
+            if all(s.is_empty for s in schedules):
                 return []
-            result = self.runner.execute(schedule)
+            if self._channel is None:
+                results = self.runner.execute_replicas(schedules)
+            else:
+                with phase("prepare_inputs"):
+                    x = self.runner.prepare(schedules)
+                    self._channel.publish(self.runner.encode_plan(x))  # the followers run the same step
+                with self._watchdog.step():
+                    results = self.runner.run(x)
             with phase("outputs"):  # scheduler update, detokenize, stop strings
-                return self._outputs(schedule, result)
+                outputs = []
+                for scheduler, schedule, result in zip(self.schedulers, schedules, results, strict=True):
+                    outputs += self._outputs(scheduler, schedule, result)
+                return outputs
 
-    def _outputs(self, schedule: Schedule, result: StepOutput) -> list[RequestOutput]:
+    # ---- multi-host ------------------------------------------------------------------------------
+
+    def on_idle(self) -> None:
+        """Called by the engine loop while there is nothing to run: keeps followers from timing out."""
+        if self._channel is not None and self._channel.keepalive_due():
+            self._channel.publish(b"")
+
+    def follow(self) -> None:
+        """A follower's whole life: run the leader's steps until it says stop. PeerFailure when the
+        leader dies or hangs; a step that outlives the step timeout ends the process (watchdog)."""
+        if self._channel is None or self.process.is_leader:
+            raise LayoutError("only a follower process of a multi-host engine follows plans")
+        while (payload := self._channel.receive()) != _STOP:
+            if payload:  # empty: the leader's keep-alive
+                with self._watchdog.step():
+                    self.runner.run(self.runner.decode_plan(payload))
+        log.info("process %d: the leader stopped the engine", self.process.process_id)
+
+    def shutdown(self) -> None:
+        """A leader tells its followers to exit cleanly (else they would count it as dead)."""
+        if self._channel is not None and self.process.is_leader:
+            self._channel.publish(_STOP)
+
+    def _outputs(self, scheduler: Scheduler, schedule: Schedule, result: StepOutput) -> list[RequestOutput]:
         row_of = {id(chunk.request): row for row, chunk in enumerate(schedule.chunks)}
         if result.next_token_logprobs is not None:
             self._collect_prompt_logprobs(schedule, result.next_token_logprobs)
         outputs = []
-        for update in self.scheduler.update(schedule, result.tokens.tolist()):
+        for update in scheduler.update(schedule, result.tokens.tolist()):
             if update.new_token is None:
                 continue
             req = update.request
@@ -217,7 +318,7 @@ class LLMEngine:
             piece = detok.add(update.new_token)
             reason = update.finish_reason if update.is_finished else None
             if piece.stop_sequence is not None and reason is None:
-                self.scheduler.finish_request(req.request_id, FinishReason.STOP_SEQUENCE)
+                scheduler.finish_request(req.request_id, FinishReason.STOP_SEQUENCE)
                 reason = FinishReason.STOP_SEQUENCE
             token = GeneratedToken(
                 token_id=update.new_token,
@@ -228,6 +329,7 @@ class LLMEngine:
             )
             if reason is not None:
                 self._detokenizers.pop(req.request_id, None)
+                self._replica_of.pop(req.request_id, None)
             out = self._output(req, (token,), piece.text, reason, piece.stop_sequence)
             prompt_lps = self._prompt_logprobs.pop(req.request_id, None)
             if prompt_lps is not None:

@@ -13,6 +13,11 @@ rows and samples; it compiles once per request bucket and sampling variant. Spli
 the compile count at |token buckets| + |request buckets| x variants instead of their product.
 Every program is compiled ahead of time at warmup; serving looks them up by shape and never traces,
 so a shape that slipped past warmup fails loudly instead of compiling on the hot path.
+
+On a mesh (engine.sharding.step_layout) the same programs run tensor-parallel, and with several
+data-parallel replicas each takes one Schedule per replica, padded to common buckets and stacked on
+a leading replica axis: one program launch drives every device. A step's host arrays (_StepInputs)
+are also what a multi-host leader broadcasts (encode_plan/decode_plan), so every host runs it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from engine.pallas_kernels.ragged_paged_attention.metadata import AttentionMetad
 from engine.profiling import phase
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Schedule
+from engine.sharding.distributed import decode_arrays, encode_arrays
+from engine.sharding.step_layout import StepLayout
 
 log = logging.getLogger(__name__)
 _NEUTRAL = SamplingParams()  # what rows whose sample is discarded are given
@@ -58,7 +65,11 @@ class StepOutput:
 
 @dataclasses.dataclass(frozen=True)
 class _StepInputs:
-    """One step's host arrays, padded to its buckets, ready for the programs."""
+    """One step's host arrays, padded to its buckets, ready for the programs.
+
+    With several replicas every array has a leading replica axis, and num_rows/num_tokens one
+    entry per replica.
+    """
 
     t_pad: int
     r_pad: int
@@ -68,8 +79,12 @@ class _StepInputs:
     logits_indices: np.ndarray  # [R_max] int32
     smd: sampling.SamplingMetadata
     targets: np.ndarray | None  # [T_pad] int32, when some chunk asked for prompt logprobs
-    num_rows: int
-    num_tokens: int
+    num_rows: tuple[int, ...]
+    num_tokens: tuple[int, ...]
+
+    @property
+    def arrays(self) -> tuple:
+        return self.input_ids, self.md, self.logits_indices, self.smd, self.targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +139,14 @@ def _sample(graphdef, treedef, leaves, hidden_last, smd, *, num_rows, variant):
 
 class ModelRunner:
     def __init__(
-        self, model: nnx.Module, limits: Limits, *, max_top_n_tokens: int, enable_prefill_logprobs: bool = False
+        self, model: nnx.Module, limits: Limits, *, max_top_n_tokens: int, enable_prefill_logprobs: bool = False,
+        mesh: jax.sharding.Mesh | None = None,
     ) -> None:
+        """mesh: the (data, model) mesh `model`'s weights are laid out on; None for one device."""
         self.config = model.config
         self.limits = limits
+        self.layout = StepLayout(mesh)
+        self.num_replicas = self.layout.num_replicas
         self.max_top_n_tokens = max_top_n_tokens
         self.enable_prefill_logprobs = enable_prefill_logprobs
         graphdef, state = nnx.split(model)
@@ -143,13 +162,15 @@ class ModelRunner:
             kv_cache_shape(g.num_pages, limits.page_size, mc.num_kv_heads, mc.head_dim) for g in limits.kv_groups
         ]
         self._kv_caches = tuple(
-            jnp.zeros(shapes[mc.kv_group_of(i)], self.kv_dtype) for i in range(mc.num_layers)
-        )  # L x [2, P_group, S, K, H]
-        self._forward_jit = jax.jit(functools.partial(_forward, graphdef, treedef), donate_argnums=(1,))
-        self._sample_jit = jax.jit(
-            functools.partial(_sample, graphdef, treedef), static_argnames=("num_rows", "variant")
+            self.layout.kv_cache(shapes[mc.kv_group_of(i)], self.kv_dtype) for i in range(mc.num_layers)
+        )  # L x [2, P_group, S, K, H], each with a leading replica axis when there are several
+        self._graph = graphdef, treedef
+        self._forward_jit = jax.jit(
+            self.layout.program(functools.partial(_forward, graphdef, treedef)), donate_argnums=(1,)
         )
-        self._prompt_jit = jax.jit(functools.partial(_prompt_logprobs, graphdef, treedef))
+        self._prompt_jit = jax.jit(
+            self.layout.program(functools.partial(_prompt_logprobs, graphdef, treedef), readable=True)
+        )
         self._forward_programs: dict[int, jax.stages.Compiled] = {}
         self._prompt_programs: dict[int, jax.stages.Compiled] = {}
         self._sample_programs: dict[tuple[int, SampleVariant], jax.stages.Compiled] = {}
@@ -184,9 +205,11 @@ class ModelRunner:
             if kind == "forward":
                 self._forward_programs[key] = self._compile_forward(key)
             elif kind == "prompt_logprobs":
-                hidden = jax.ShapeDtypeStruct((key, self.config.hidden_size), self.kv_dtype)
-                targets = jax.ShapeDtypeStruct((key,), jnp.int32)
-                self._prompt_programs[key] = self._prompt_jit.lower(self._leaves, hidden, targets).compile()
+                hidden = self.layout.abstract((key, self.config.hidden_size), self.kv_dtype)
+                targets = self.layout.abstract((key,), jnp.int32)
+                with self.layout.tracing():
+                    lowered = self._prompt_jit.lower(self._leaves, hidden, targets)
+                self._prompt_programs[key] = lowered.compile()
             else:
                 self._sample_programs[key] = self._compile_sample(*key)
         if progress:
@@ -197,7 +220,7 @@ class ModelRunner:
 
     def _compile_forward(self, num_tokens: int) -> jax.stages.Compiled:
         r_max = self.limits.request_buckets[-1]
-        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+        i32 = lambda *shape: self.layout.abstract(shape, jnp.int32)  # noqa: E731
         others = range(len(self.limits.kv_groups) - 1)
         md = AttentionMetadata(
             positions=i32(num_tokens),
@@ -208,22 +231,66 @@ class ModelRunner:
             group_page_tables=tuple(i32(r_max, self.limits.max_pages_per_seq) for _ in others),
             group_slot_mappings=tuple(i32(num_tokens) for _ in others),
         )
-        return self._forward_jit.lower(self._leaves, self._kv_caches, i32(num_tokens), md, i32(r_max)).compile()
+        with self.layout.tracing():
+            lowered = self._forward_jit.lower(self._leaves, self._kv_caches, i32(num_tokens), md, i32(r_max))
+        return lowered.compile()
 
     def _compile_sample(self, num_rows: int, variant: SampleVariant) -> jax.stages.Compiled:
         r_max = self.limits.request_buckets[-1]
-        hidden = jax.ShapeDtypeStruct((r_max, self.config.hidden_size), self.kv_dtype)
+        hidden = self.layout.abstract((r_max, self.config.hidden_size), self.kv_dtype)
         history = self._history_len if variant.use_penalties else None
-        smd = sampling.build_sampling_metadata([], num_rows, history)
-        return self._sample_jit.lower(self._leaves, hidden, smd, num_rows=num_rows, variant=variant).compile()
+        smd = self.layout.abstract_like(sampling.build_sampling_metadata([], num_rows, history))
+        fn = functools.partial(_sample, *self._graph, num_rows=num_rows, variant=variant)
+        with self.layout.tracing():
+            lowered = jax.jit(self.layout.program(fn, readable=True)).lower(self._leaves, hidden, smd)
+        return lowered.compile()
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def _prepare_inputs(self, schedule: Schedule) -> _StepInputs:
+    def _step_shape(self, schedules: list[Schedule]) -> tuple[int, int, SampleVariant, bool]:
+        """Buckets, sampler variant and whether prompt logprobs are wanted: common to every replica."""
+        t_pad = self._bucket(self.limits.token_buckets, max(s.num_tokens for s in schedules), "tokens")
+        r_pad = self._bucket(self.limits.request_buckets, max(len(s.chunks) for s in schedules), "requests")
+        variants = [self._sampling_rows(s)[1] for s in schedules]
+        variant = SampleVariant(
+            all(v.all_greedy for v in variants),
+            any(v.use_penalties for v in variants),
+            max(v.num_top_logprobs for v in variants),
+        )
+        return t_pad, r_pad, variant, any(self._wants_prompt_logprobs(s) for s in schedules)
+
+    def _wants_prompt_logprobs(self, schedule: Schedule) -> bool:
+        return self.enable_prefill_logprobs and any(
+            c.request.params.prompt_logprobs and c.start < c.request.num_prompt_tokens for c in schedule.chunks
+        )
+
+    def prepare(self, schedules: list[Schedule]) -> _StepInputs:
+        """One step's host arrays: one schedule per replica (an empty one for an idle replica)."""
+        if len(schedules) != self.num_replicas:
+            raise ValueError(f"{len(schedules)} schedules for {self.num_replicas} replicas")
+        if self.num_replicas == 1:
+            return self._prepare_inputs(schedules[0])
+        shape = self._step_shape(schedules)
+        parts = [self._prepare_inputs(s, shape) for s in schedules]
+        first = parts[0]
+        stacked = self.layout.stack([p.arrays for p in parts])
+        return _StepInputs(
+            first.t_pad, first.r_pad, first.variant, *stacked,
+            num_rows=tuple(r for p in parts for r in p.num_rows),
+            num_tokens=tuple(t for p in parts for t in p.num_tokens),
+        )
+
+    def _prepare_inputs(
+        self, schedule: Schedule, shape: tuple[int, int, SampleVariant, bool] | None = None
+    ) -> _StepInputs:
+        """shape (t_pad, r_pad, variant, prompt logprobs) forces the buckets: replicas share one."""
         chunks = schedule.chunks
         num_tokens = sum(c.num_tokens for c in chunks)
-        t_pad = self._bucket(self.limits.token_buckets, num_tokens, "tokens")
-        r_pad = self._bucket(self.limits.request_buckets, len(chunks), "requests")
+        if shape is None:
+            t_pad = self._bucket(self.limits.token_buckets, num_tokens, "tokens")
+            r_pad = self._bucket(self.limits.request_buckets, len(chunks), "requests")
+        else:
+            t_pad, r_pad = shape[:2]
         r_max = self.limits.request_buckets[-1]
         page_size = self.limits.page_size
         num_groups = len(self.limits.kv_groups)
@@ -235,9 +302,7 @@ class ModelRunner:
         page_table = np.zeros((num_groups, r_max, self.limits.max_pages_per_seq), np.int32)
         seq_lens = np.zeros(r_max, np.int32)
         logits_indices = np.zeros(r_max, np.int32)
-        want_prompt = self.enable_prefill_logprobs and any(
-            c.request.params.prompt_logprobs and c.start < c.request.num_prompt_tokens for c in chunks
-        )
+        want_prompt = self._wants_prompt_logprobs(schedule) if shape is None else shape[3]
         targets = np.zeros(t_pad, np.int32) if want_prompt else None
         offset = 0
         for row, chunk in enumerate(chunks):
@@ -266,37 +331,72 @@ class ModelRunner:
         )
 
         rows, variant = self._sampling_rows(schedule)
+        if shape is not None:
+            variant = shape[2]
         history = self._history_len if variant.use_penalties else None
         smd = sampling.build_sampling_metadata(rows, r_pad, history)
         return _StepInputs(
-            t_pad, r_pad, variant, input_ids, md, logits_indices, smd, targets, len(chunks), num_tokens
+            t_pad, r_pad, variant, input_ids, md, logits_indices, smd, targets, (len(chunks),), (num_tokens,)
         )
 
     def execute(self, schedule: Schedule) -> StepOutput:
+        """One step of a one-replica runner."""
+        return self.execute_replicas([schedule])[0]
+
+    def execute_replicas(self, schedules: list[Schedule]) -> list[StepOutput]:
+        """One step: schedules[i] runs on replica i; one StepOutput per replica."""
         with phase("prepare_inputs"):
-            x = self._prepare_inputs(schedule)
+            x = self.prepare(schedules)
+        return self.run(x)
+
+    def run(self, x: _StepInputs) -> list[StepOutput]:
+        """Runs prepared inputs (this process's own, or a multi-host leader's plan)."""
         # Dispatch is asynchronous on accelerators: the programs' device time shows on the trace's
         # device rows, and on the host inside `wait`.
         with phase("device_execute"):
+            input_ids, md, logits_indices, smd, targets = self.layout.put(x.arrays)
             forward = self._forward_programs[x.t_pad]
             hidden_last, hidden, self._kv_caches = forward(
-                self._leaves, self._kv_caches, x.input_ids, x.md, x.logits_indices
+                self._leaves, self._kv_caches, input_ids, md, logits_indices
             )
             with phase("sample"):
-                out = self._sample_programs[(x.r_pad, x.variant)](self._leaves, hidden_last, x.smd)
+                out = self._sample_programs[(x.r_pad, x.variant)](self._leaves, hidden_last, smd)
             prompt_lp = None
-            if x.targets is not None:
-                prompt_lp = self._prompt_programs[x.t_pad](self._leaves, hidden, x.targets)
+            if targets is not None:
+                prompt_lp = self._prompt_programs[x.t_pad](self._leaves, hidden, targets)
             with phase("wait"):
                 out, prompt_lp = jax.device_get((out, prompt_lp))
-        n = x.num_rows
-        return StepOutput(
-            tokens=np.asarray(out.tokens[:n]),
-            logprobs=np.asarray(out.logprobs[:n]),
-            top_ids=np.asarray(out.top_ids[:n]),
-            top_logprobs=np.asarray(out.top_logprobs[:n]),
-            next_token_logprobs=None if prompt_lp is None else np.asarray(prompt_lp[: x.num_tokens]),
-        )
+        outs = self.layout.unstack(out)
+        lps = self.layout.unstack(prompt_lp) if prompt_lp is not None else [None] * len(outs)
+        return [
+            StepOutput(
+                tokens=np.asarray(o.tokens[:n]),
+                logprobs=np.asarray(o.logprobs[:n]),
+                top_ids=np.asarray(o.top_ids[:n]),
+                top_logprobs=np.asarray(o.top_logprobs[:n]),
+                next_token_logprobs=None if lp is None else np.asarray(lp[:t]),
+            )
+            for o, lp, n, t in zip(outs, lps, x.num_rows, x.num_tokens, strict=True)
+        ]
+
+    # ---- multi-host plans ------------------------------------------------------------------------
+
+    def encode_plan(self, x: _StepInputs) -> bytes:
+        """A step's inputs as bytes for the other hosts (typed arrays, no pickle)."""
+        leaves = jax.tree.leaves(x.arrays)
+        header = np.array([x.t_pad, x.r_pad, x.variant.all_greedy, x.variant.use_penalties,
+                           x.variant.num_top_logprobs, x.targets is not None, *x.num_rows, *x.num_tokens], np.int64)
+        return encode_arrays({"header": header, **{f"a{i}": leaf for i, leaf in enumerate(leaves)}})
+
+    def decode_plan(self, payload: bytes) -> _StepInputs:
+        arrays = decode_arrays(payload)
+        h = [int(v) for v in arrays.pop("header")]
+        t_pad, r_pad, variant, want = h[0], h[1], SampleVariant(bool(h[2]), bool(h[3]), h[4]), bool(h[5])
+        n = self.num_replicas
+        # The tree's structure (not its values) from an empty step of the same shape.
+        template = self._prepare_inputs(Schedule(chunks=()), (t_pad, r_pad, variant, want))
+        tree = jax.tree.unflatten(jax.tree.structure(template.arrays), [arrays[f"a{i}"] for i in range(len(arrays))])
+        return _StepInputs(t_pad, r_pad, variant, *tree, num_rows=tuple(h[6:6 + n]), num_tokens=tuple(h[6 + n:]))
 
     def _sampling_rows(self, schedule: Schedule) -> tuple[list[sampling.SamplingRow], SampleVariant]:
         rows, greedy, penalties, top_n = [], True, False, 0

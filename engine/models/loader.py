@@ -48,6 +48,9 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
     source: ModelSource
     dtype: str  # canonical name: "bfloat16" | "float16" | "float32"
+    # Set when loaded onto a mesh of several devices: the mesh and kv-head plan the weights follow.
+    # `config` is then the config as run (kv heads replicated for the shard count).
+    layout: Any = None  # engine.sharding.load.ShardedModel
 
 
 def load_model(
@@ -57,11 +60,17 @@ def load_model(
     dtype: Any = "bfloat16",
     progress: ProgressFn | None = None,
     max_model_len: int | None = None,
+    mesh: Any = None,
+    memory_fraction: float = 0.9,
 ) -> LoadedModel:
     """Loads `model_id` (None: the embedded default) with weights in `dtype`; raises ModelLoadError.
 
     max_model_len is the longest sequence the caller will serve (None: the model's
     max_position_embeddings); LongRoPE models pick their rotary factors from it, once.
+    mesh: a jax Mesh of several devices to split the weights over (engine.sharding.rules): each
+    tensor goes straight from the file onto its shards, so no device ever holds the whole model.
+    A layout the model cannot take, or weights that cannot fit in `memory_fraction` of each device,
+    raise engine.sharding.config.LayoutError before any weight is read.
     """
     try:
         dtype_name = parse_dtype(dtype)
@@ -92,11 +101,21 @@ def load_model(
     )
 
     model = _abstract_model(config, dtype_name)
-    expected = _expected_params(model)
+    expected = _expected_params(model)  # the checkpoint's layout, whatever the mesh
+    layout = None
+    if mesh is not None:
+        from engine.sharding.load import abstract_sharded_model, check_fits, layout_report
+
+        layout = abstract_sharded_model(config, dtype=dtype_name, mesh=mesh)
+        # Weights alone, from shapes: the KV cache's share is checked once the limits are known.
+        check_fits(layout_report(layout, kv_dtype=dtype_name, memory_fraction=memory_fraction), min_kv_tokens=0)
     tensors = _read_weights(source, gguf, config, expected, _with_logging(progress))
-    model = _fill(model, dtype_name, tensors, source)
+    if layout is None:
+        model = _fill(model, dtype_name, tensors, source)
+    else:
+        model, config = _fill_sharded(layout, dtype_name, tensors, source), layout.config
     logger.info("Loaded %s in %.1fs", source.display_name, time.monotonic() - start)
-    return LoadedModel(model, config, tokenizer, eos, source, dtype_name)
+    return LoadedModel(model, config, tokenizer, eos, source, dtype_name, layout)
 
 
 def _config_file(source: ModelSource) -> str:
@@ -223,6 +242,16 @@ def _fill(model: Any, dtype_name: str, tensors: Mapping[str, np.ndarray], source
     return model
 
 
+def _fill_sharded(layout: Any, dtype_name: str, tensors: Mapping[str, np.ndarray], source: ModelSource) -> Any:
+    from engine.sharding.load import fill_sharded
+
+    try:
+        return fill_sharded(layout, tensors, dtype=dtype_name).model
+    except ValueError as e:
+        detail = " ".join(str(e).split())
+        raise ModelLoadError(f"The weights of {source.display_name} do not fit its config: {detail}") from e
+
+
 def _with_logging(progress: ProgressFn | None) -> ProgressFn:
     """Wraps the caller's callback with INFO log lines at every tenth of the way."""
     state = {"next": 0.0, "start": time.monotonic()}
@@ -239,9 +268,12 @@ def _with_logging(progress: ProgressFn | None) -> ProgressFn:
     return report
 
 
-def random_model(model_dir: str, *, dtype: Any = "bfloat16", seed: int = 0) -> LoadedModel:
+def random_model(model_dir: str, *, dtype: Any = "bfloat16", seed: int = 0, mesh: Any = None) -> LoadedModel:
     """A model of the HF config in `model_dir` (config.json + tokenizer files, no weights needed)
-    with random weights made on the device: for benchmarks of shapes we cannot download."""
+    with random weights made on the device: for benchmarks of shapes we cannot download.
+
+    With a mesh the model is made whole on the default device, then split over the mesh; every
+    process of a multi-host engine makes the same weights from the same seed."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -258,4 +290,9 @@ def random_model(model_dir: str, *, dtype: Any = "bfloat16", seed: int = 0) -> L
     config = dataclasses.replace(config, eos_token_ids=eos)
     model = registry.build_model(config, dtype=jnp.dtype(dtype_name), rngs=nnx.Rngs(seed))
     logger.info("Built %s with random %s weights", source.display_name, dtype_name)
-    return LoadedModel(model, config, tokenizer, eos, source, dtype_name)
+    if mesh is None:
+        return LoadedModel(model, config, tokenizer, eos, source, dtype_name)
+    from engine.sharding.load import shard_model
+
+    layout = shard_model(model, mesh)
+    return LoadedModel(layout.model, layout.config, tokenizer, eos, source, dtype_name, layout)

@@ -215,6 +215,8 @@ async def serve(
     service.close_streams()
     await server.stop(grace=1.0)
     await asyncio.to_thread(service.loop.stop)
+    if not failed and hasattr(engine, "shutdown"):
+        engine.shutdown()  # a multi-host leader lets its followers exit cleanly
     if profiler.active:
         await asyncio.to_thread(profiler.stop)
     try:
@@ -222,6 +224,53 @@ async def serve(
     except FileNotFoundError:
         pass
     return 1 if failed else 0
+
+
+def follower_marker(socket_path: str) -> str:
+    """The file a follower engine creates instead of the socket: `tgx serve` starts no router for it."""
+    return socket_path + ".follower"
+
+
+def _follow(engine, socket_path: str) -> int:
+    """A multi-host follower: no RPCs, no router; it runs the leader's steps until told to stop."""
+    import jax
+
+    from engine.sharding.config import EXIT_PEER_FAILURE
+    from engine.sharding.distributed import PeerFailure
+
+    marker = follower_marker(socket_path)
+    with open(marker, "w"):
+        pass
+    # Blocked in a plan wait or a collective, Python would only see SIGTERM when it returns.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+    log.info("engine process %d: following process 0's steps", engine.process.process_id)
+    try:
+        engine.follow()
+    except (PeerFailure, jax.errors.JaxRuntimeError) as e:
+        log.critical("%s", e)
+        print(f"tgx engine: fatal: {' '.join(str(e).split())[:500]}", file=sys.stderr, flush=True)
+        return EXIT_PEER_FAILURE
+    finally:
+        try:
+            os.unlink(marker)
+        except FileNotFoundError:
+            pass
+    return 0
+
+
+def _exit_process(rc: int, multi_process: bool) -> int:
+    """With jax.distributed, a clean stop meets the other processes in shutdown; a failed one leaves
+    at once (shutdown would wait for a dead peer)."""
+    if multi_process:
+        if rc == 0:
+            import jax
+
+            jax.distributed.shutdown()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 def default_socket_path() -> str:
@@ -239,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     socket_path = args.socket or default_socket_path()
     # Until the asyncio loop takes over signals, SIGTERM ends the (possibly long) load cleanly.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    process = None
     try:
         cfg = engine_config(args)
         if args.profile_dir:
@@ -249,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
             jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
         from engine.engine_factory import create_engine
         from engine.models.loader import ModelLoadError
+        from engine.sharding import distributed
+
+        # Before anything touches a device: every host's process joins here.
+        process = distributed.initialize(cfg.sharding)
 
         try:
             engine = create_engine(cfg, progress=ProgressLine(), random_weights=args.random_weights)
@@ -257,10 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         # A user's mistake (bad flag value, missing model): one clear line, no traceback.
         print(f"tgx engine: error: {e}", file=sys.stderr)
-        return 2
+        return _exit_process(2, process is not None and process.num_processes > 1)
     except KeyboardInterrupt:
         return 130
-    return asyncio.run(serve(engine, socket_path, profile_dir=args.profile_dir))
+    multi_process = process.num_processes > 1
+    if not process.is_leader:
+        return _exit_process(_follow(engine, socket_path), multi_process)
+    rc = asyncio.run(serve(engine, socket_path, profile_dir=args.profile_dir))
+    return _exit_process(rc, multi_process)
 
 
 if __name__ == "__main__":

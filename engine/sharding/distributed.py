@@ -44,6 +44,7 @@ from engine.sharding.config import EXIT_PEER_FAILURE, LayoutError, ShardingConfi
 log = logging.getLogger(__name__)
 
 _PLAN_KEY = "tgx/plan/{}"
+SHUTDOWN_TIMEOUT_S = 30
 _PLANS_KEPT = 16  # followers trail process 0 by a step or two: the step's collectives keep them close
 
 
@@ -71,6 +72,8 @@ def initialize(cfg: ShardingConfig) -> ProcessInfo:
         return ProcessInfo(0, 1)
     # Off before the client starts: it would turn SIGTERM into a "preemption notice" and keep running.
     jax.config.update("jax_enable_preemption_service", False)
+    # CPU processes need a collectives library to talk to each other (GPUs use NCCL, TPUs ICI).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(
             coordinator_address=cfg.coordinator_address,
@@ -78,6 +81,8 @@ def initialize(cfg: ShardingConfig) -> ProcessInfo:
             process_id=cfg.process_id,
             initialization_timeout=cfg.initialization_timeout_s,
             heartbeat_timeout_seconds=cfg.heartbeat_timeout_s,
+            # A clean stop waits this long for every process to reach shutdown together.
+            shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S,
         )
     except ValueError as e:  # nothing set and no cluster detected, or a partial setting
         if cfg.is_multi_host_requested:
@@ -130,6 +135,16 @@ class PlanChannel:
                 self._client.key_value_delete(_PLAN_KEY.format(self._next - _PLANS_KEPT))
         self._next += 1
         self._last_publish = time.monotonic()
+
+    def barrier(self, name: str, timeout_s: float) -> None:
+        """Waits until every process reaches `name` (e.g. the end of warmup); PeerFailure on timeout."""
+        if self._client is None:
+            return
+        try:
+            self._client.wait_at_barrier(f"tgx/{name}", int(timeout_s * 1000))
+        except jax.errors.JaxRuntimeError as e:
+            raise PeerFailure(f"process {self.info.process_id}: not every process reached {name} within "
+                              f"{timeout_s:g} s ({str(e).splitlines()[0]})") from e
 
     def keepalive_due(self) -> bool:
         return time.monotonic() - self._last_publish > self.timeout_s / 2

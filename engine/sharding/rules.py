@@ -94,6 +94,8 @@ TOKENS: Axes = ("tokens",)  # [T] ids, positions, slot mapping
 HIDDEN: Axes = ("tokens", "embed")  # [T, D]
 LOGITS: Axes = ("rows", "vocab")  # [R, V]
 ROWS: Axes = ("rows",)  # [R] per-request scalars
+ATTN_Q: Axes = ("tokens", "q_heads", "head_dim")  # [T, N, H] queries and attention output
+ATTN_KV: Axes = ("tokens", "kv_heads", "head_dim")  # [T, K, H] new keys and values
 
 
 def per_replica(axes: Axes) -> Axes:

@@ -183,7 +183,7 @@ def test_greedy_matches_transformers_and_sliding_pages_stay_bounded(tiny):
     step_bound = peak_pages(WINDOW, 10**6, PREFILL, PAGE_SIZE)
     # What the runner hands the device each step: the chunks' starts and the sliding group's tables.
     steps, tables = [], []
-    forward, execute = engine.runner._forward_programs, engine.runner.execute
+    forward, execute = engine.runner._forward_programs, engine.runner.execute_replicas
 
     def recording(program):
         def call(leaves, caches, ids, md, idx):
@@ -191,13 +191,13 @@ def test_greedy_matches_transformers_and_sliding_pages_stay_bounded(tiny):
             return program(leaves, caches, ids, md, idx)
         return call
 
-    def recording_execute(schedule):
-        steps.append([c.start for c in schedule.chunks])
-        return execute(schedule)
+    def recording_execute(schedules):
+        steps.append([c.start for c in schedules[0].chunks])  # one replica
+        return execute(schedules)
 
     originals = dict(forward)
     forward.update({t: recording(p) for t, p in originals.items()})
-    engine.runner.execute = recording_execute
+    engine.runner.execute_replicas = recording_execute
     reqs = [engine.add_request(p, params) for p in prompts]
     tokens = {r.request_id: [] for r in reqs}
     max_used = 0
@@ -213,7 +213,7 @@ def test_greedy_matches_transformers_and_sliding_pages_stay_bounded(tiny):
             max_used = max(max_used, sliding.num_used_pages)
     finally:
         forward.update(originals)
-        del engine.runner.execute
+        del engine.runner.execute_replicas
     assert engine.kv_groups.is_full_free()
     # Every request reached 100 tokens (25 pages) while the pool never held more than a window each.
     assert max_used <= MAX_BATCH * step_bound < MAX_BATCH * (PROMPT_LEN + NEW_TOKENS) // PAGE_SIZE
