@@ -38,10 +38,9 @@ def prompts(seed: int, n: int, input_len: int, vocab: int, special: set[int]) ->
 
 
 def _setup_jax(args) -> None:
-    import jax
+    from engine.cli import use_compilation_cache
 
-    if args.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
+    use_compilation_cache(args.compilation_cache_dir)
 
 
 def _engine(args):

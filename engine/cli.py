@@ -53,6 +53,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
           "ragged paged attention: auto (Pallas kernel on NVIDIA GPUs, pure-JAX reference elsewhere), reference, pallas")
     _flag(parser, "disable-chunked-prefill", bool, False, "prefill each prompt in one step")
     _flag(parser, "disable-prefill-logprobs", bool, False, "don't compile the prompt-logprobs programs")
+    _flag(parser, "disable-async-scheduling", bool, False, "wait for each step's tokens before preparing the next step")
     _flag(parser, "num-shard", int, None, "devices that split one model copy (tensor parallel; default: all accelerators / data-parallel-size, 1 on CPU)")
     _flag(parser, "data-parallel-size", int, 1, "model replicas, each serving its own batch")
     _flag(parser, "coordinator-address", help="multi-host: host:port of process 0 (default: detected on Cloud TPU VMs, Slurm, Open MPI)")
@@ -91,6 +92,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_top_n_tokens=args.max_top_n_tokens,
         enable_chunked_prefill=not args.disable_chunked_prefill,
         enable_prefill_logprobs=not args.disable_prefill_logprobs,
+        async_scheduling=not args.disable_async_scheduling,
         compilation_cache_dir=args.compilation_cache_dir,
         attention_backend=args.attention_backend,
         sharding=sharding_config(args),
@@ -138,15 +140,27 @@ def _setup_logging(json_output: bool) -> None:
     logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr)
 
 
+def use_compilation_cache(path: str | None) -> None:
+    """Points jax's persistent compilation cache at `path` (None: leave it off), for every program.
+
+    jax skips programs that compile in under a second by default; a server restart would then still
+    compile the dozens of small sampler programs, so the minimum goes to 0 (and the size floor off).
+    """
+    if not path:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from engine.engine_factory import create_engine
     from engine.sampling_params import SamplingParams
 
     cfg = engine_config(args)
-    if cfg.compilation_cache_dir:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
+    use_compilation_cache(cfg.compilation_cache_dir)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

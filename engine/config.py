@@ -64,6 +64,8 @@ class EngineConfig:
     # Prompt logprobs are computed 16 tokens at a time, so unlike TGI they cost no [T, V] buffer and
     # can stay on; off, requests for them get an empty prefill list, as TGI does.
     enable_prefill_logprobs: bool = True
+    # Prepare and launch step n+1 while step n runs (engine.llm_engine); off: one step at a time.
+    async_scheduling: bool = True
     min_token_bucket: int = 16
     compilation_cache_dir: str | None = None
     # auto | reference | pallas (engine.pallas_kernels.dispatch checks the name at start-up).

@@ -14,6 +14,7 @@ every other process is a follower that runs `follow()`, executing the leader's s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -35,9 +36,9 @@ from engine.models.loader import LoadedModel, load_model
 from engine.pallas_kernels.dispatch import attention_fn_for
 from engine.profiling import phase
 from engine.request import FinishReason, Request
-from engine.runner import ModelRunner, Progress, StepOutput
+from engine.runner import ModelRunner, Pending, Progress, StepOutput
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Schedule, Scheduler, SchedulerConfig
+from engine.scheduler import RequestUpdate, Schedule, Scheduler, SchedulerConfig
 from engine.sharding import distributed
 from engine.sharding.attention import shard_attention
 from engine.sharding.config import LayoutError
@@ -90,6 +91,17 @@ def _kv_group_specs(mc: ModelConfig, itemsize: int, tensor_parallel: int = 1) ->
     windows = mc.kv_cache_windows()
     layers = [sum(1 for i in range(mc.num_layers) if mc.kv_group_of(i) == g) for g in range(len(windows))]
     return [KVGroupSpec(w, n * per_layer) for w, n in zip(windows, layers)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launched:
+    """A step on the device whose samples the host has not seen yet."""
+
+    schedules: list[Schedule]  # one per replica
+    pending: Pending
+    # Per replica: the scheduler's updates, applied at launch with placeholder tokens, each with the
+    # index of its output token (-1 for a chunk that does not sample).
+    updates: list[list[tuple[RequestUpdate, int]]]
 
 
 class LLMEngine:
@@ -163,6 +175,11 @@ class LLMEngine:
             # collectives on a host still compiling, and the watchdog would call that host hung.
             self._channel.barrier("warm", cfg.sharding.initialization_timeout_s)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._inflight: _Launched | None = None
+        # Requests whose next step needs this step's real tokens on the host (penalties read the
+        # history; prompt logprobs are gathered per chunk): while any is unfinished, steps run one
+        # at a time.
+        self._needs_sync: set[str] = set()
         # Prompt logprobs gathered chunk by chunk until the request's first output carries them.
         self._prompt_logprobs: dict[str, list[float]] = {}
         self._tokenizer_dir = tempfile.TemporaryDirectory(prefix="tgx-tokenizer-")
@@ -226,6 +243,9 @@ class LLMEngine:
         self._replica_of[request_id] = replica
         if params.prompt_logprobs and self.cfg.enable_prefill_logprobs:
             self._prompt_logprobs[request_id] = [math.nan]  # nothing precedes the first prompt token
+            self._needs_sync.add(request_id)
+        if params.uses_penalties:
+            self._needs_sync.add(request_id)
         self._detokenizers[request_id] = IncrementalDetokenizer(
             self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop
         )
@@ -243,12 +263,13 @@ class LLMEngine:
         req = self.schedulers[replica].abort_request(request_id) if replica is not None else None
         self._detokenizers.pop(request_id, None)
         self._prompt_logprobs.pop(request_id, None)
+        self._needs_sync.discard(request_id)
         if req is None:
             return None
         return self._output(req, (), "", FinishReason.CANCELLED, None)
 
     def has_unfinished(self) -> bool:
-        return any(s.has_unfinished() for s in self.schedulers)
+        return self._inflight is not None or any(s.has_unfinished() for s in self.schedulers)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -261,25 +282,50 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Returns the outputs of one step. With asynchronous scheduling the next step is already
+        launched when this returns: the host's work for step n+1 (schedule, inputs) and for step n
+        (update, detokenize) runs while the device computes step n+1."""
         # The phases show as host ranges tgx.* in a profiler trace (engine/profiling.py).
         with phase("step"):
-            with phase("schedule"):
-                schedules = [s.schedule() for s in self.schedulers]
-            if all(s.is_empty for s in schedules):
-                return []
-            if self._channel is None:
-                results = self.runner.execute_replicas(schedules)
+            if self._inflight is None:
+                launched = self._schedule_and_launch()
+                if launched is None:
+                    return []
             else:
-                with phase("prepare_inputs"):
-                    x = self.runner.prepare(schedules)
-                    self._channel.publish(self.runner.encode_plan(x))  # the followers run the same step
-                with self._watchdog.step():
-                    results = self.runner.run(x)
-            with phase("outputs"):  # scheduler update, detokenize, stop strings
-                outputs = []
-                for scheduler, schedule, result in zip(self.schedulers, schedules, results, strict=True):
-                    outputs += self._outputs(scheduler, schedule, result)
-                return outputs
+                launched = self._inflight
+            self._inflight = None
+            if self.cfg.async_scheduling and not self._needs_sync:
+                # Scheduled as if no request stopped in `launched`; a row of one that did is dropped.
+                self._inflight = self._schedule_and_launch()
+            return self._finish_step(launched)
+
+    def _schedule_and_launch(self) -> _Launched | None:
+        with phase("schedule"):
+            schedules = [s.schedule() for s in self.schedulers]
+        if all(s.is_empty for s in schedules):
+            return None
+        with phase("prepare_inputs"):
+            x = self.runner.prepare(schedules)
+            if self._channel is not None:
+                self._channel.publish(self.runner.encode_plan(x))  # the followers run the same step
+        pending = self.runner.dispatch(x)
+        placeholder = Request.PLACEHOLDER
+        updates = []
+        for scheduler, schedule in zip(self.schedulers, schedules, strict=True):
+            ups = scheduler.update(schedule, [placeholder] * len(schedule.chunks))
+            updates.append([(u, u.request.num_output_tokens - 1 if u.new_token is not None else -1) for u in ups])
+        return _Launched(schedules, pending, updates)
+
+    def _finish_step(self, launched: _Launched) -> list[RequestOutput]:
+        with self._watchdog.step() if self._watchdog is not None else contextlib.nullcontext():
+            results = self.runner.collect(launched.pending)
+        with phase("outputs"):  # real tokens in, token stops, detokenize, stop strings
+            outputs = []
+            for scheduler, schedule, result, updates in zip(
+                self.schedulers, launched.schedules, results, launched.updates, strict=True
+            ):
+                outputs += self._outputs(scheduler, schedule, result, updates)
+            return outputs
 
     # ---- multi-host ------------------------------------------------------------------------------
 
@@ -304,38 +350,58 @@ class LLMEngine:
         if self._channel is not None and self.process.is_leader:
             self._channel.publish(_STOP)
 
-    def _outputs(self, scheduler: Scheduler, schedule: Schedule, result: StepOutput) -> list[RequestOutput]:
+    def _outputs(
+        self, scheduler: Scheduler, schedule: Schedule, result: StepOutput, updates: list[tuple[RequestUpdate, int]]
+    ) -> list[RequestOutput]:
         row_of = {id(chunk.request): row for row, chunk in enumerate(schedule.chunks)}
         if result.next_token_logprobs is not None:
             self._collect_prompt_logprobs(schedule, result.next_token_logprobs)
         outputs = []
-        for update in scheduler.update(schedule, result.tokens.tolist()):
+        for update, index in updates:
             if update.new_token is None:
                 continue
             req = update.request
+            detok = self._detokenizers.get(req.request_id)
+            if detok is None:  # aborted, or stopped at an earlier step while this one ran: dropped
+                continue
             row = row_of[id(req)]
-            detok = self._detokenizers[req.request_id]
-            piece = detok.add(update.new_token)
+            token_id = int(result.tokens[row])
+            req.set_output_token(index, token_id)
             reason = update.finish_reason if update.is_finished else None
+            if (stop := scheduler.token_stop_reason(req, token_id)) is not None:
+                reason = self._stop_at(scheduler, req, index, stop)
+            piece = detok.add(token_id)
             if piece.stop_sequence is not None and reason is None:
-                scheduler.finish_request(req.request_id, FinishReason.STOP_SEQUENCE)
-                reason = FinishReason.STOP_SEQUENCE
+                reason = self._stop_at(scheduler, req, index, FinishReason.STOP_SEQUENCE)
             token = GeneratedToken(
-                token_id=update.new_token,
+                token_id=token_id,
                 text=piece.text,
                 logprob=float(result.logprobs[row]),
-                is_special=update.new_token in self._special_ids,
+                is_special=token_id in self._special_ids,
                 top=self._top(result, row, req.params.top_n_tokens),
             )
             if reason is not None:
                 self._detokenizers.pop(req.request_id, None)
                 self._replica_of.pop(req.request_id, None)
+                self._needs_sync.discard(req.request_id)
             out = self._output(req, (token,), piece.text, reason, piece.stop_sequence)
             prompt_lps = self._prompt_logprobs.pop(req.request_id, None)
             if prompt_lps is not None:
                 out = dataclasses.replace(out, prompt_tokens=self._prompt_tokens(req, prompt_lps))
             outputs.append(out)
         return outputs
+
+    @staticmethod
+    def _stop_at(scheduler: Scheduler, req: Request, index: int, reason: FinishReason) -> FinishReason:
+        """Ends `req` at its output token `index`, dropping placeholders of steps launched after it.
+        Its pages may go back while a launched step still writes them: steps run in launch order,
+        so a later owner's writes always land after."""
+        if req.is_finished:  # ended by length at launch, on this very token: the token's reason wins
+            req.finish_reason = reason
+        else:
+            scheduler.finish_request(req.request_id, reason)
+        req.truncate_output(index + 1)
+        return reason
 
     def _collect_prompt_logprobs(self, schedule, next_token_logprobs) -> None:
         offset = 0

@@ -88,6 +88,22 @@ class Request:
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
         )
 
+    # The token id an output holds while it is still being sampled on the device (asynchronous steps:
+    # the next step is scheduled before this one's sample reaches the host). Never a real id.
+    PLACEHOLDER = -1
+
+    def set_output_token(self, index: int, token_id: int) -> None:
+        """Replaces the output token at `index` (a PLACEHOLDER) with the sampled id."""
+        self.output_token_ids[index] = token_id
+        self._all_token_ids[self.num_prompt_tokens + index] = token_id
+
+    def truncate_output(self, num_tokens: int) -> None:
+        """Drops output tokens past the first `num_tokens` (placeholders of steps after the one
+        where the request turned out to have stopped)."""
+        del self.output_token_ids[num_tokens:]
+        del self._all_token_ids[self.num_prompt_tokens + num_tokens:]
+        self.num_computed_tokens = min(self.num_computed_tokens, self.num_tokens)
+
     def append_output_token(self, token_id: int) -> None:
         """The only way to add an output token: it keeps output_token_ids and all_token_ids in step."""
         self.output_token_ids.append(token_id)

@@ -18,6 +18,12 @@ On a mesh (engine.sharding.step_layout) the same programs run tensor-parallel, a
 data-parallel replicas each takes one Schedule per replica, padded to common buckets and stacked on
 a leading replica axis: one program launch drives every device. A step's host arrays (_StepInputs)
 are also what a multi-host leader broadcasts (encode_plan/decode_plan), so every host runs it.
+
+Asynchronous steps: `dispatch` launches a step without waiting and `collect` fetches its samples,
+so the engine can prepare and launch step n+1 while step n runs. A decode of step n+1 whose input
+is step n's still-unknown sample carries PLACEHOLDER as its token id; the runner points it at the
+request's row of step n, and the forward program reads the token from step n's sampled tokens,
+which never leave the device (`prev_index`, [T] int32, -1 where the host's id is real).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from engine.sharding.distributed import decode_arrays, encode_arrays
 from engine.sharding.step_layout import StepLayout
 
 log = logging.getLogger(__name__)
+PLACEHOLDER = -1  # a token id still being sampled on the device (engine.request.Request.PLACEHOLDER)
 _NEUTRAL = SamplingParams()  # what rows whose sample is discarded are given
 
 Progress = Callable[[int, int, str], None]
@@ -81,10 +88,21 @@ class _StepInputs:
     targets: np.ndarray | None  # [T_pad] int32, when some chunk asked for prompt logprobs
     num_rows: tuple[int, ...]
     num_tokens: tuple[int, ...]
+    prev_index: np.ndarray | None = None  # [T_pad] int32: row of the previous step's sample, or -1
 
     @property
     def arrays(self) -> tuple:
-        return self.input_ids, self.md, self.logits_indices, self.smd, self.targets
+        return self.input_ids, self.prev_index, self.md, self.logits_indices, self.smd, self.targets
+
+
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """A launched step: its device outputs, fetched by ModelRunner.collect."""
+
+    out: sampling.SampleOutput
+    prompt_lp: jax.Array | None
+    num_rows: tuple[int, ...]
+    num_tokens: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +114,10 @@ class SampleVariant:
     num_top_logprobs: int
 
 
-def _forward(graphdef, treedef, leaves, kv_caches, input_ids, md, logits_indices):
+def _forward(graphdef, treedef, leaves, kv_caches, prev_tokens, input_ids, prev_index, md, logits_indices):
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    # Decodes whose input is the previous step's sample read it here: it never went to the host.
+    input_ids = jnp.where(prev_index >= 0, prev_tokens[jnp.maximum(prev_index, 0)], input_ids)  # [T]
     with jax.named_scope("forward"):
         hidden, kv_caches = model(input_ids, kv_caches, md)  # [T, D]
     return hidden[logits_indices], hidden, kv_caches  # [R_max, D], [T, D]
@@ -128,13 +148,16 @@ def _sample(graphdef, treedef, leaves, hidden_last, smd, *, num_rows, variant):
     with jax.named_scope("logits"):
         logits = model.compute_logits(hidden_last[:num_rows])  # [R, V] float32
     with jax.named_scope("sample"):
-        return sampling.sample(
+        out = sampling.sample(
             logits,
             smd,
             all_greedy=variant.all_greedy,
             use_penalties=variant.use_penalties,
             num_top_logprobs=variant.num_top_logprobs,
         )
+    # The next step's forward reads these at a fixed shape, whatever this step's row bucket.
+    tokens = jnp.pad(out.tokens, (0, hidden_last.shape[0] - num_rows))  # [R_max]
+    return out, tokens
 
 
 class ModelRunner:
@@ -175,6 +198,12 @@ class ModelRunner:
         self._prompt_programs: dict[int, jax.stages.Compiled] = {}
         self._sample_programs: dict[tuple[int, SampleVariant], jax.stages.Compiled] = {}
         self._history_len = limits.max_total_tokens
+        r_max = limits.request_buckets[-1]
+        # The last launched step's sampled tokens [R_max] (on device), and each sampled request's row.
+        self._prev_tokens = self.layout.put(
+            self.layout.stack([np.zeros(r_max, np.int32)] * self.num_replicas), readable=True
+        )
+        self._prev_rows: list[dict[int, int]] = [{} for _ in range(self.num_replicas)]
 
     @staticmethod
     def _param_dtype(leaves, default):
@@ -232,7 +261,10 @@ class ModelRunner:
             group_slot_mappings=tuple(i32(num_tokens) for _ in others),
         )
         with self.layout.tracing():
-            lowered = self._forward_jit.lower(self._leaves, self._kv_caches, i32(num_tokens), md, i32(r_max))
+            lowered = self._forward_jit.lower(
+                self._leaves, self._kv_caches, self.layout.abstract((r_max,), jnp.int32, readable=True),
+                i32(num_tokens), i32(num_tokens), md, i32(r_max),
+            )
         return lowered.compile()
 
     def _compile_sample(self, num_rows: int, variant: SampleVariant) -> jax.stages.Compiled:
@@ -271,17 +303,18 @@ class ModelRunner:
         if self.num_replicas == 1:
             return self._prepare_inputs(schedules[0])
         shape = self._step_shape(schedules)
-        parts = [self._prepare_inputs(s, shape) for s in schedules]
+        parts = [self._prepare_inputs(s, shape, replica=i) for i, s in enumerate(schedules)]
         first = parts[0]
         stacked = self.layout.stack([p.arrays for p in parts])
+        input_ids, prev_index, md, logits_indices, smd, targets = stacked
         return _StepInputs(
-            first.t_pad, first.r_pad, first.variant, *stacked,
+            first.t_pad, first.r_pad, first.variant, input_ids, md, logits_indices, smd, targets,
             num_rows=tuple(r for p in parts for r in p.num_rows),
-            num_tokens=tuple(t for p in parts for t in p.num_tokens),
+            num_tokens=tuple(t for p in parts for t in p.num_tokens), prev_index=prev_index,
         )
 
     def _prepare_inputs(
-        self, schedule: Schedule, shape: tuple[int, int, SampleVariant, bool] | None = None
+        self, schedule: Schedule, shape: tuple[int, int, SampleVariant, bool] | None = None, replica: int = 0
     ) -> _StepInputs:
         """shape (t_pad, r_pad, variant, prompt logprobs) forces the buckets: replicas share one."""
         chunks = schedule.chunks
@@ -296,6 +329,8 @@ class ModelRunner:
         num_groups = len(self.limits.kv_groups)
 
         input_ids = np.zeros(t_pad, np.int32)
+        prev_index = np.full(t_pad, -1, np.int32)
+        prev_rows, rows_now = self._prev_rows[replica], {}
         positions = np.zeros(t_pad, np.int32)
         slot_mapping = np.zeros((num_groups, t_pad), np.int32)  # per KV cache group
         token_seq = np.zeros(t_pad, np.int32)
@@ -309,7 +344,11 @@ class ModelRunner:
             req, n = chunk.request, chunk.num_tokens
             pos = np.arange(chunk.start, chunk.start + n, dtype=np.int32)
             span = slice(offset, offset + n)
-            input_ids[span] = chunk.token_ids
+            input_ids[span] = ids = chunk.token_ids
+            if ids[-1] == PLACEHOLDER:  # only a decode's one token can still be in flight
+                prev_index[offset + n - 1] = prev_rows[id(req)]
+            if chunk.samples:
+                rows_now[id(req)] = row
             positions[span] = pos
             token_seq[span] = row
             for g, group_pages in enumerate(req.pages):
@@ -330,13 +369,15 @@ class ModelRunner:
             group_page_tables=tuple(page_table[1:]), group_slot_mappings=tuple(slot_mapping[1:]),
         )
 
+        self._prev_rows[replica] = rows_now
         rows, variant = self._sampling_rows(schedule)
         if shape is not None:
             variant = shape[2]
         history = self._history_len if variant.use_penalties else None
         smd = sampling.build_sampling_metadata(rows, r_pad, history)
         return _StepInputs(
-            t_pad, r_pad, variant, input_ids, md, logits_indices, smd, targets, (len(chunks),), (num_tokens,)
+            t_pad, r_pad, variant, input_ids, md, logits_indices, smd, targets, (len(chunks),), (num_tokens,),
+            prev_index,
         )
 
     def execute(self, schedule: Schedule) -> StepOutput:
@@ -350,22 +391,32 @@ class ModelRunner:
         return self.run(x)
 
     def run(self, x: _StepInputs) -> list[StepOutput]:
-        """Runs prepared inputs (this process's own, or a multi-host leader's plan)."""
-        # Dispatch is asynchronous on accelerators: the programs' device time shows on the trace's
-        # device rows, and on the host inside `wait`.
+        """Runs prepared inputs (this process's own, or a multi-host leader's plan) and waits."""
+        return self.collect(self.dispatch(x))
+
+    def dispatch(self, x: _StepInputs) -> Pending:
+        """Launches the step's programs without waiting for them (jax dispatch is asynchronous)."""
+        # The programs' device time shows on the trace's device rows, and on the host inside `wait`.
         with phase("device_execute"):
-            input_ids, md, logits_indices, smd, targets = self.layout.put(x.arrays)
+            input_ids, prev_index, md, logits_indices, smd, targets = self.layout.put(x.arrays)
             forward = self._forward_programs[x.t_pad]
             hidden_last, hidden, self._kv_caches = forward(
-                self._leaves, self._kv_caches, input_ids, md, logits_indices
+                self._leaves, self._kv_caches, self._prev_tokens, input_ids, prev_index, md, logits_indices
             )
             with phase("sample"):
-                out = self._sample_programs[(x.r_pad, x.variant)](self._leaves, hidden_last, smd)
+                out, self._prev_tokens = self._sample_programs[(x.r_pad, x.variant)](
+                    self._leaves, hidden_last, smd
+                )
             prompt_lp = None
             if targets is not None:
                 prompt_lp = self._prompt_programs[x.t_pad](self._leaves, hidden, targets)
-            with phase("wait"):
-                out, prompt_lp = jax.device_get((out, prompt_lp))
+        return Pending(out, prompt_lp, x.num_rows, x.num_tokens)
+
+    def collect(self, p: Pending) -> list[StepOutput]:
+        """Waits for a dispatched step and copies its samples to the host, one StepOutput per replica."""
+        with phase("wait"):
+            out, prompt_lp = jax.device_get((p.out, p.prompt_lp))
+        x = p
         outs = self.layout.unstack(out)
         lps = self.layout.unstack(prompt_lp) if prompt_lp is not None else [None] * len(outs)
         return [
@@ -396,7 +447,9 @@ class ModelRunner:
         # The tree's structure (not its values) from an empty step of the same shape.
         template = self._prepare_inputs(Schedule(chunks=()), (t_pad, r_pad, variant, want))
         tree = jax.tree.unflatten(jax.tree.structure(template.arrays), [arrays[f"a{i}"] for i in range(len(arrays))])
-        return _StepInputs(t_pad, r_pad, variant, *tree, num_rows=tuple(h[6:6 + n]), num_tokens=tuple(h[6 + n:]))
+        input_ids, prev_index, md, logits_indices, smd, targets = tree
+        return _StepInputs(t_pad, r_pad, variant, input_ids, md, logits_indices, smd, targets,
+                           num_rows=tuple(h[6:6 + n]), num_tokens=tuple(h[6 + n:]), prev_index=prev_index)
 
     def _sampling_rows(self, schedule: Schedule) -> tuple[list[sampling.SamplingRow], SampleVariant]:
         rows, greedy, penalties, top_n = [], True, False, 0

@@ -12,7 +12,9 @@ a shortage in any of them preempts. A sliding group needs at most a window plus 
 per request, whatever its length (KVCacheGroup.peak_pages).
 
 Protocol: the engine calls schedule(), runs the step, then update() with that schedule before the
-next schedule(). abort_request()/finish_request() may come at any time, including between the two;
+next schedule(). With asynchronous steps update() comes right after the launch, with
+Request.PLACEHOLDER for each sampled token (only length can stop a request then); the engine
+writes the real ids in later and applies the token stops itself (token_stop_reason). abort_request()/finish_request() may come at any time, including between the two;
 update() then skips the finished request's chunks.
 """
 
@@ -244,12 +246,20 @@ class Scheduler:
         self._finish(request, reason)
         return request
 
-    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+    @staticmethod
+    def token_stop_reason(request: Request, token: int) -> FinishReason | None:
+        """Whether `token` itself ends the request (EOS, a stop token id); length is not checked."""
         params = request.params
         if not params.ignore_eos and token in request.eos_token_ids:
             return FinishReason.EOS
         if token in params.stop_token_ids:
             return FinishReason.STOP_SEQUENCE
+        return None
+
+    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        params = request.params
+        if (reason := self.token_stop_reason(request, token)) is not None:
+            return reason
         if request.num_output_tokens >= params.max_new_tokens:
             return FinishReason.LENGTH
         if request.num_tokens >= self.config.max_total_tokens:

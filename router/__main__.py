@@ -38,8 +38,12 @@ async def serve(settings: RouterSettings) -> None:
     engine = await RemoteEngine.connect(settings.socket_path, settings.connect_timeout)
     tokenizer = await asyncio.to_thread(RouterTokenizer.from_dir, engine.info.tokenizer_dir)
     app = create_app(settings, engine, tokenizer)
+    # Keep-alive well past clients' own expiry (httpx: 5 s, uvicorn's default too): with equal
+    # timeouts a client can reuse a connection in the instant the server closes it, and the request
+    # dies with a read error (4 of 1,024 at concurrency 256 in bench/RESULTS.md).
     config = uvicorn.Config(
-        app, host=settings.hostname, port=settings.port, log_config=None, timeout_graceful_shutdown=90
+        app, host=settings.hostname, port=settings.port, log_config=None, timeout_graceful_shutdown=90,
+        timeout_keep_alive=75, backlog=4096,
     )
     await uvicorn.Server(config).serve()
 

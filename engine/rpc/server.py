@@ -278,7 +278,9 @@ def default_socket_path() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.cli import ProgressLine, _setup_logging, add_engine_flags, check_profile_dir, engine_config
+    from engine.cli import (
+        ProgressLine, _setup_logging, add_engine_flags, check_profile_dir, engine_config, use_compilation_cache,
+    )
 
     parser = argparse.ArgumentParser(prog="python -m engine.rpc.server", description="tgx engine server")
     add_engine_flags(parser)
@@ -293,10 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = engine_config(args)
         if args.profile_dir:
             check_profile_dir(args.profile_dir)
-        if cfg.compilation_cache_dir:
-            import jax
-
-            jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
+        use_compilation_cache(cfg.compilation_cache_dir)
         from engine.engine_factory import create_engine
         from engine.models.loader import ModelLoadError
         from engine.sharding import distributed

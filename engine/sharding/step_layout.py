@@ -57,21 +57,24 @@ class StepLayout:
     def unstack(self, tree: Any) -> list[Any]:
         return unstack(tree) if self.stacked else [tree]
 
-    def put(self, tree: Any) -> Any:
-        """A step's host arrays onto the devices with the input sharding."""
+    def put(self, tree: Any, *, readable: bool = False) -> Any:
+        """A step's host arrays onto the devices with the input sharding (readable: the sharding
+        of readable program outputs, whole on every device)."""
         if self.mesh is None:
-            return tree  # jit copies numpy arguments to the one device itself
+            return tree if not readable else jax.device_put(tree)  # jit copies numpy to the one device
+        sharding = self._replicated if readable else self._inputs
         if self.multi_process:  # each process copies its own shards; see placement.place
-            return jax.tree.map(lambda x: place(x, self._inputs), tree)
+            return jax.tree.map(lambda x: place(x, sharding), tree)
         leaves, treedef = jax.tree.flatten(tree)
-        return jax.tree.unflatten(treedef, jax.device_put(leaves, [self._inputs] * len(leaves)))
+        return jax.tree.unflatten(treedef, jax.device_put(leaves, [sharding] * len(leaves)))
 
-    def abstract(self, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
-        """The compile-time stand-in of one replica's input of `shape`."""
+    def abstract(self, shape: tuple[int, ...], dtype: Any, *, readable: bool = False) -> jax.ShapeDtypeStruct:
+        """The compile-time stand-in of one replica's input of `shape` (readable: of an output of a
+        readable program fed back in, as the sampled tokens are)."""
         if self.mesh is None:
             return jax.ShapeDtypeStruct(shape, dtype)
         full = (self.num_replicas, *shape) if self.stacked else shape
-        return jax.ShapeDtypeStruct(full, dtype, sharding=self._inputs)
+        return jax.ShapeDtypeStruct(full, dtype, sharding=self._replicated if readable else self._inputs)
 
     def abstract_like(self, tree: Any) -> Any:
         """Compile-time stand-ins for a host pytree of one replica's arrays."""

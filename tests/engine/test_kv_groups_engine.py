@@ -183,21 +183,21 @@ def test_greedy_matches_transformers_and_sliding_pages_stay_bounded(tiny):
     step_bound = peak_pages(WINDOW, 10**6, PREFILL, PAGE_SIZE)
     # What the runner hands the device each step: the chunks' starts and the sliding group's tables.
     steps, tables = [], []
-    forward, execute = engine.runner._forward_programs, engine.runner.execute_replicas
+    forward, prepare = engine.runner._forward_programs, engine.runner.prepare
 
     def recording(program):
-        def call(leaves, caches, ids, md, idx):
+        def call(leaves, caches, prev_tokens, ids, prev_index, md, idx):
             tables.append((np.asarray(md.seq_lens), np.asarray(md.for_group(sliding_g).page_table)))
-            return program(leaves, caches, ids, md, idx)
+            return program(leaves, caches, prev_tokens, ids, prev_index, md, idx)
         return call
 
-    def recording_execute(schedules):
+    def recording_prepare(schedules):
         steps.append([c.start for c in schedules[0].chunks])  # one replica
-        return execute(schedules)
+        return prepare(schedules)
 
     originals = dict(forward)
     forward.update({t: recording(p) for t, p in originals.items()})
-    engine.runner.execute_replicas = recording_execute
+    engine.runner.prepare = recording_prepare
     reqs = [engine.add_request(p, params) for p in prompts]
     tokens = {r.request_id: [] for r in reqs}
     max_used = 0
@@ -213,7 +213,7 @@ def test_greedy_matches_transformers_and_sliding_pages_stay_bounded(tiny):
             max_used = max(max_used, sliding.num_used_pages)
     finally:
         forward.update(originals)
-        del engine.runner.execute_replicas
+        del engine.runner.prepare
     assert engine.kv_groups.is_full_free()
     # Every request reached 100 tokens (25 pages) while the pool never held more than a window each.
     assert max_used <= MAX_BATCH * step_bound < MAX_BATCH * (PROMPT_LEN + NEW_TOKENS) // PAGE_SIZE
