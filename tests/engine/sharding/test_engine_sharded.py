@@ -55,10 +55,24 @@ def setup(tmp_path_factory):
     return model_dir, prompts, reference
 
 
-@pytest.mark.parametrize("dp,tp", [(1, 2), (1, 4), (1, 8), (2, 4)], ids=["tp2", "tp4", "tp8", "dp2xtp4"])
-def test_layout_generates_what_one_device_does(setup, dp, tp):
+@pytest.fixture(scope="module")
+def engines(setup):
+    """One engine per layout, shared by the tests of this module (each costs its compilations)."""
+    cache: dict[tuple[int, int], LLMEngine] = {}
+
+    def get(tp: int, dp: int = 1) -> LLMEngine:
+        if (tp, dp) not in cache:
+            cache[(tp, dp)] = _engine(setup[0], tp, dp)
+        return cache[(tp, dp)]
+
+    return get
+
+
+# tp 2 is covered at the model level (test_sharded_model); here 4 and 8 also replicate kv heads.
+@pytest.mark.parametrize("dp,tp", [(1, 4), (1, 8), (2, 4)], ids=["tp4", "tp8", "dp2xtp4"])
+def test_layout_generates_what_one_device_does(setup, engines, dp, tp):
     model_dir, prompts, reference = setup
-    engine = _engine(model_dir, tp, dp)
+    engine = engines(tp, dp)
     assert engine.mesh is not None and dict(engine.mesh.shape) == {"data": dp, "model": tp}
     # Weights and caches really are split: kv heads over the shards, replicas over "data".
     k = engine.runner._kv_caches[0]
@@ -73,9 +87,9 @@ def test_layout_generates_what_one_device_does(setup, dp, tp):
         np.testing.assert_allclose(ours[rid][1], lps, rtol=1e-4, atol=1e-4)
 
 
-def test_requests_spread_over_replicas(setup):
-    model_dir, prompts, _ = setup
-    engine = _engine(model_dir, 4, 2)
+def test_requests_spread_over_replicas(setup, engines):
+    _, prompts, _ = setup
+    engine = engines(4, 2)
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(p, params, request_id=f"r{i}")
