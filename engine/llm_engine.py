@@ -43,7 +43,7 @@ from engine.sharding import distributed
 from engine.sharding.attention import shard_attention
 from engine.sharding.config import LayoutError
 from engine.sharding.load import check_fits, layout_report, shard_model
-from engine.sharding.mesh import make_mesh
+from engine.sharding.mesh import data_parallel, make_mesh, tensor_parallel
 
 log = logging.getLogger(__name__)
 _STOP = b"stop"  # the leader's last plan: followers exit cleanly
@@ -120,7 +120,7 @@ class LLMEngine:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         mc = loaded.config
-        tp = 1 if self.mesh is None else int(self.mesh.shape["model"])
+        tp = 1 if self.mesh is None else tensor_parallel(self.mesh)
         budget, is_accel = _kv_memory_budget(cfg)
         self.limits: Limits = resolve_limits(
             cfg,
@@ -135,10 +135,12 @@ class LLMEngine:
                 log.info("layout: %s", line)
             check_fits(report, min_kv_tokens=self.limits.max_total_tokens)
         page_size = self.limits.page_size
-        num_replicas = 1 if self.mesh is None else int(self.mesh.shape["data"])
+        num_replicas = 1 if self.mesh is None else data_parallel(self.mesh)
         # One scheduler and one set of page pools per data-parallel replica: replicas share nothing.
         self.replica_kv_groups = [
-            KVCacheGroups([KVCacheGroup(g.window, PageAllocator(g.num_pages, page_size)) for g in self.limits.kv_groups])
+            KVCacheGroups(
+                [KVCacheGroup(g.window, PageAllocator(g.num_pages, page_size)) for g in self.limits.kv_groups]
+            )
             for _ in range(num_replicas)
         ]
         self.kv_groups = self.replica_kv_groups[0]

@@ -21,9 +21,9 @@ are also what a multi-host leader broadcasts (encode_plan/decode_plan), so every
 
 Asynchronous steps: `dispatch` launches a step without waiting and `collect` fetches its samples,
 so the engine can prepare and launch step n+1 while step n runs. A decode of step n+1 whose input
-is step n's still-unknown sample carries PLACEHOLDER as its token id; the runner points it at the
-request's row of step n, and the forward program reads the token from step n's sampled tokens,
-which never leave the device (`prev_index`, [T] int32, -1 where the host's id is real).
+is step n's still-unknown sample carries Request.PLACEHOLDER as its token id; the runner points it
+at the request's row of step n, and the forward program reads the token from step n's sampled
+tokens, which never leave the device (`prev_index`, [T] int32, -1 where the host's id is real).
 """
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ from engine import sampling
 from engine.config import Limits
 from engine.pallas_kernels.ragged_paged_attention.metadata import AttentionMetadata, kv_cache_shape
 from engine.profiling import phase
+from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Schedule
 from engine.sharding.distributed import decode_arrays, encode_arrays
 from engine.sharding.step_layout import StepLayout
 
 log = logging.getLogger(__name__)
-PLACEHOLDER = -1  # a token id still being sampled on the device (engine.request.Request.PLACEHOLDER)
 _NEUTRAL = SamplingParams()  # what rows whose sample is discarded are given
 
 Progress = Callable[[int, int, str], None]
@@ -279,11 +279,12 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def _step_shape(self, schedules: list[Schedule]) -> tuple[int, int, SampleVariant, bool]:
+    def _step_shape(
+        self, schedules: list[Schedule], variants: list[SampleVariant]
+    ) -> tuple[int, int, SampleVariant, bool]:
         """Buckets, sampler variant and whether prompt logprobs are wanted: common to every replica."""
         t_pad = self._bucket(self.limits.token_buckets, max(s.num_tokens for s in schedules), "tokens")
         r_pad = self._bucket(self.limits.request_buckets, max(len(s.chunks) for s in schedules), "requests")
-        variants = [self._sampling_rows(s)[1] for s in schedules]
         variant = SampleVariant(
             all(v.all_greedy for v in variants),
             any(v.use_penalties for v in variants),
@@ -302,8 +303,12 @@ class ModelRunner:
             raise ValueError(f"{len(schedules)} schedules for {self.num_replicas} replicas")
         if self.num_replicas == 1:
             return self._prepare_inputs(schedules[0])
-        shape = self._step_shape(schedules)
-        parts = [self._prepare_inputs(s, shape, replica=i) for i, s in enumerate(schedules)]
+        sampling_rows = [self._sampling_rows(s) for s in schedules]  # built once per replica
+        shape = self._step_shape(schedules, [v for _, v in sampling_rows])
+        parts = [
+            self._prepare_inputs(s, shape, replica=i, sampling_rows=sampling_rows[i][0])
+            for i, s in enumerate(schedules)
+        ]
         first = parts[0]
         stacked = self.layout.stack([p.arrays for p in parts])
         input_ids, prev_index, md, logits_indices, smd, targets = stacked
@@ -314,9 +319,11 @@ class ModelRunner:
         )
 
     def _prepare_inputs(
-        self, schedule: Schedule, shape: tuple[int, int, SampleVariant, bool] | None = None, replica: int = 0
+        self, schedule: Schedule, shape: tuple[int, int, SampleVariant, bool] | None = None, replica: int = 0,
+        sampling_rows: list[sampling.SamplingRow] | None = None,
     ) -> _StepInputs:
-        """shape (t_pad, r_pad, variant, prompt logprobs) forces the buckets: replicas share one."""
+        """shape (t_pad, r_pad, variant, prompt logprobs) forces the buckets: replicas share one.
+        sampling_rows: the schedule's rows when the caller built them already (with `shape`)."""
         chunks = schedule.chunks
         num_tokens = sum(c.num_tokens for c in chunks)
         if shape is None:
@@ -345,7 +352,7 @@ class ModelRunner:
             pos = np.arange(chunk.start, chunk.start + n, dtype=np.int32)
             span = slice(offset, offset + n)
             input_ids[span] = ids = chunk.token_ids
-            if ids[-1] == PLACEHOLDER:  # only a decode's one token can still be in flight
+            if ids[-1] == Request.PLACEHOLDER:  # only a decode's one token can still be in flight
                 prev_index[offset + n - 1] = prev_rows[id(req)]
             if chunk.samples:
                 rows_now[id(req)] = row
@@ -370,8 +377,10 @@ class ModelRunner:
         )
 
         self._prev_rows[replica] = rows_now
-        rows, variant = self._sampling_rows(schedule)
-        if shape is not None:
+        if shape is None:
+            rows, variant = self._sampling_rows(schedule)
+        else:
+            rows = self._sampling_rows(schedule)[0] if sampling_rows is None else sampling_rows
             variant = shape[2]
         history = self._history_len if variant.use_penalties else None
         smd = sampling.build_sampling_metadata(rows, r_pad, history)
@@ -416,7 +425,6 @@ class ModelRunner:
         """Waits for a dispatched step and copies its samples to the host, one StepOutput per replica."""
         with phase("wait"):
             out, prompt_lp = jax.device_get((p.out, p.prompt_lp))
-        x = p
         outs = self.layout.unstack(out)
         lps = self.layout.unstack(prompt_lp) if prompt_lp is not None else [None] * len(outs)
         return [
@@ -427,7 +435,7 @@ class ModelRunner:
                 top_logprobs=np.asarray(o.top_logprobs[:n]),
                 next_token_logprobs=None if lp is None else np.asarray(lp[:t]),
             )
-            for o, lp, n, t in zip(outs, lps, x.num_rows, x.num_tokens, strict=True)
+            for o, lp, n, t in zip(outs, lps, p.num_rows, p.num_tokens, strict=True)
         ]
 
     # ---- multi-host plans ------------------------------------------------------------------------

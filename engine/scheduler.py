@@ -14,8 +14,9 @@ per request, whatever its length (KVCacheGroup.peak_pages).
 Protocol: the engine calls schedule(), runs the step, then update() with that schedule before the
 next schedule(). With asynchronous steps update() comes right after the launch, with
 Request.PLACEHOLDER for each sampled token (only length can stop a request then); the engine
-writes the real ids in later and applies the token stops itself (token_stop_reason). abort_request()/finish_request() may come at any time, including between the two;
-update() then skips the finished request's chunks.
+writes the real ids in later and applies the token stops itself (token_stop_reason).
+abort_request()/finish_request() may come at any time, including between the two; update() then
+skips the finished request's chunks.
 """
 
 from __future__ import annotations

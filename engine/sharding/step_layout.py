@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from engine.sharding import rules
-from engine.sharding.mesh import data_parallel, tensor_parallel
+from engine.sharding.mesh import data_parallel
 from engine.sharding.placement import place, zeros
 from engine.sharding.replicas import over_replicas, stack, unstack
 
@@ -33,7 +33,6 @@ class StepLayout:
     def __init__(self, mesh: Mesh | None) -> None:
         self.mesh = mesh
         self.num_replicas = data_parallel(mesh) if mesh is not None else 1
-        self.tensor_parallel = tensor_parallel(mesh) if mesh is not None else 1
         self.stacked = self.num_replicas > 1  # inputs and outputs carry a leading replica axis
         self.multi_process = mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
         if mesh is not None:

@@ -31,7 +31,7 @@ from engine.pallas_kernels.ragged_paged_attention import (  # noqa: E402
 )
 from engine.sampling_params import SamplingParams  # noqa: E402
 from tests.engine.conftest import run_all  # noqa: E402
-from tests.engine.models.checkpoints import save_tokenizer  # noqa: E402
+from tests.engine.models.checkpoints import save_spread_model  # noqa: E402
 
 WINDOW = 16
 PAGE_SIZE = 4
@@ -120,14 +120,7 @@ def _save_model(directory, family: str):
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
         eos_token_id=2, **extra,
     )
-    torch.manual_seed(1)
-    model = cls_model(config)
-    with torch.no_grad():  # larger than the default init, so greedy decoding does not settle on one token
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.4)
-    model.save_pretrained(directory)
-    save_tokenizer(directory, VOCAB)
+    model = save_spread_model(directory, cls_model, config, seed=1, std=0.4)
     model.generation_config.eos_token_id = None  # generate as far as asked, like ignore_eos
     return model.eval()
 

@@ -75,3 +75,30 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class FakeEngine:
+    """Just enough of LLMEngine for the engine server: admission, abort and stats over `running`
+    ({request id: a counter the subclass's step() uses}). Subclasses write add_request and step."""
+
+    def __init__(self) -> None:
+        from engine.api import EngineInfo
+
+        self.info = EngineInfo("fake", "float32", 8, 100, 128, 64, 1024, 16, 0, 10, (0,), "")
+        self.running: dict[str, int] = {}
+
+    def validate(self, prompt, params):
+        return [1, 2]
+
+    def abort(self, request_id):
+        self.running.pop(request_id, None)
+
+    def has_unfinished(self):
+        return bool(self.running)
+
+    def stats(self):
+        import types
+
+        return types.SimpleNamespace(
+            num_running=len(self.running), num_waiting=0, kv_cache_usage=0.0, num_compiled_programs=0
+        )

@@ -22,7 +22,7 @@ import tempfile
 
 import pytest
 
-from tests.rpc import JAX_CACHE, REPO, SERVER_FLAGS, server_env, stop, wait_for_socket
+from tests.rpc import JAX_CACHE, REPO, SERVER_FLAGS, FakeEngine, server_env, stop, wait_for_socket
 from tests.tiny_config import write_tiny_config
 
 pytestmark = pytest.mark.timeout(600)
@@ -97,33 +97,11 @@ async def test_capture_while_serving(server):
         await engine.close()
 
 
-class _TinyEngine:
-    """Just enough of LLMEngine for serve(): a few tokens per request, each step a tgx.step range."""
-
-    def __init__(self) -> None:
-        from engine.api import EngineInfo
-
-        self.info = EngineInfo("fake", "float32", 8, 100, 128, 64, 1024, 16, 0, 10, (0,), "")
-        self.running: dict[str, int] = {}
-
-    def validate(self, prompt, params):
-        return [1, 2]
+class _TinyEngine(FakeEngine):
+    """For serve(): a few tokens per request (running: tokens left), each step a tgx.step range."""
 
     def add_request(self, ids, params, request_id):
         self.running[request_id] = params.max_new_tokens
-
-    def abort(self, request_id):
-        self.running.pop(request_id, None)
-
-    def has_unfinished(self):
-        return bool(self.running)
-
-    def stats(self):
-        import types
-
-        return types.SimpleNamespace(
-            num_running=len(self.running), num_waiting=0, kv_cache_usage=0.0, num_compiled_programs=0
-        )
 
     def step(self):
         from engine.api import GeneratedToken, RequestOutput

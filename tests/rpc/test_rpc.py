@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tests.rpc import JAX_CACHE, REPO, build_tiny_llama, start_server, stop, wait_for_socket
+from tests.rpc import JAX_CACHE, REPO, FakeEngine, build_tiny_llama, start_server, stop, wait_for_socket
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -281,33 +281,15 @@ async def test_engine_death_fails_in_flight_requests(tiny_model, tmp_path):
         stop(proc)
 
 
-class _FailingEngine:
-    """Just enough of LLMEngine for the server: one token per step, then a crash on step `crash_at`."""
+class _FailingEngine(FakeEngine):
+    """One token per step (running: tokens so far), then a crash on step `crash_at`."""
 
     def __init__(self, crash_at: int) -> None:
-        from engine.api import EngineInfo
-
-        self.info = EngineInfo("fake", "float32", 8, 100, 128, 64, 1024, 16, 0, 10, (0,), "")
-        self.crash_at, self.steps, self.running = crash_at, 0, {}
-
-    def validate(self, prompt, params):
-        return [1, 2]
+        super().__init__()
+        self.crash_at, self.steps = crash_at, 0
 
     def add_request(self, ids, params, request_id):
         self.running[request_id] = 0
-
-    def abort(self, request_id):
-        self.running.pop(request_id, None)
-
-    def has_unfinished(self):
-        return bool(self.running)
-
-    def stats(self):
-        import types
-
-        return types.SimpleNamespace(
-            num_running=len(self.running), num_waiting=0, kv_cache_usage=0.0, num_compiled_programs=0
-        )
 
     def step(self):
         from engine.api import GeneratedToken, RequestOutput

@@ -71,6 +71,22 @@ def save_tiny(directory: Path, family: str = "llama", *, tied: bool = False, dty
     return {k: v.float().numpy() for k, v in model.state_dict().items()}
 
 
+def save_spread_model(directory: Path, model_cls, config, *, seed: int, std: float):
+    """Writes `model_cls(config)` with matrices drawn from N(0, std) (wider than transformers' init,
+    so greedy decoding does not settle on one token) and a tokenizer of its vocabulary; returns it."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, std)
+    model.save_pretrained(directory)
+    save_tokenizer(directory, config.vocab_size)
+    return model
+
+
 def params_of(model) -> dict[str, np.ndarray]:
     from flax import nnx
 

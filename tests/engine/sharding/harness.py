@@ -178,21 +178,13 @@ HF_VOCAB = 512
 def save_hf_checkpoint(directory, seed: int):
     """A Llama with 8 query heads over 2 kv heads (4 and 8 shards replicate them) saved HF-style with a
     tokenizer, for tests that load it the way a server does."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.engine.models.checkpoints import save_tokenizer
+    from tests.engine.models.checkpoints import save_spread_model
 
     config = LlamaConfig(vocab_size=HF_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # larger than the default init, so greedy decoding does not settle on one token
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.4)
-    model.save_pretrained(directory)
-    save_tokenizer(directory, HF_VOCAB)
+    save_spread_model(directory, LlamaForCausalLM, config, seed=seed, std=0.4)
     return directory
 
