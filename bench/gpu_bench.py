@@ -5,12 +5,15 @@ device: JAX keeps what it allocated until its process exits), printing one table
 as it is done and writing everything as JSON (--json-out, rewritten after each part). Must not:
 import jax, or stop at a failed part: it is reported and the next part runs (exit status 1 at the end).
 
-Parts (--parts, default all four):
+Parts (--parts, default all five):
   single   one request at a time (128 in / 256 out, EOS ignored): TTFT and decode ms/token against
            the weight-read floor = bytes one decode step reads / device copy bandwidth (same run)
   offline  --num-prompts prompts of each --workloads shape (256x256, 1024x128) through the engine:
            requests/s, output and total tokens/s; HF transformers' generate_batch on the same
            weights and the first workload (--hf-num-prompts of its prompts) gives the ratio
+  profile  JAX profiler traces of the engine: single-stream decode, a 64-request decode batch and the
+           1024-in / 128-out mix at the batch limit, each summarised (device busy, gaps, top kernels,
+           host phases); the traces are copied to --trace-out
   serving  `tgx serve` + bench/serve.py at each --concurrency (1024 in / 128 out): TTFT, TPOT, ITL
            median and p99; HTTP output tokens/s at the highest concurrency as a fraction of offline
   startup  engine start cold (empty --compilation-cache-dir) and again warm: warmup compile seconds,
@@ -29,11 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -43,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from engine.cli import add_engine_flags
 
-PARTS = ("single", "offline", "serving", "startup")
+PARTS = ("single", "offline", "profile", "serving", "startup")
 DEFAULT_MODEL = str(REPO / "bench" / "configs" / "llama-3.1-8b")
 
 
@@ -69,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--single-runs", type=int, default=3, help="timed single-stream requests (median)")
     p.add_argument("--copy-mib", type=int, default=2048, help="array size of the copy-bandwidth probe")
     p.add_argument("--concurrency", default="1,16,64,256", help="serving concurrencies")
+    p.add_argument("--client-processes", type=int, default=4,
+                   help="most bench/serve.py processes at a level (one per 32 of concurrency)")
     p.add_argument("--serve-input-len", type=int, default=1024)
     p.add_argument("--serve-output-len", type=int, default=128)
     p.add_argument(
@@ -77,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-start-timeout", type=float, default=1200.0)
     p.add_argument("--offline-json", type=Path, default=None,
                    help="an earlier --json-out whose offline figures the serving part compares with")  # fmt: skip
+    p.add_argument("--trace-out", type=Path, default=None, help="where the profile part copies its traces")
+    p.add_argument("--serve-profile-seconds", type=float, default=0.0,
+                   help="serving: capture this long an engine trace (POST /admin/profile) at the top concurrency")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--worker", choices=("engine", "hf", "startup"), default=None, help=argparse.SUPPRESS)
@@ -141,6 +151,60 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, log: Path) ->
         time.sleep(1.0)
 
 
+def _cpu_seconds(roots: list[int]) -> dict[str, float]:
+    """CPU seconds (user + system) so far of each process under `roots`, keyed "pid name" (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        procs[int(d.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, cmd)
+    keep, frontier = set(roots), list(roots)
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _, _) in procs.items():
+            if ppid == parent and pid not in keep:
+                keep.add(pid)
+                frontier.append(pid)
+    return {f"{pid} {_short(procs[pid][2])}": procs[pid][1] for pid in sorted(keep) if pid in procs}
+
+
+class _CpuSampler:
+    """Samples the server's processes' CPU seconds twice a second on a thread; stop() gives each
+    process's busiest 2-second stretch in cores (an average over a level hides a saturated burst)."""
+
+    def __init__(self, root: int) -> None:
+        self._root, self._samples, self._done = root, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.5):
+            self._samples.append((time.monotonic(), _cpu_seconds([self._root])))
+
+    def stop(self) -> dict[str, float]:
+        self._done.set()
+        self._thread.join()
+        peak: dict[str, float] = {}
+        for (t_a, a), (t_b, b) in zip(self._samples, self._samples[4:]):
+            for k in a.keys() & b.keys():
+                peak[k] = max(peak.get(k, 0.0), round((b[k] - a[k]) / (t_b - t_a), 2))
+        return peak
+
+
+def _short(cmd: str) -> str:
+    for key in ("router", "engine.rpc.server", "serve.py", "engine.cli"):
+        if key in cmd:
+            return key
+    return cmd[:40]
+
+
 def serving(args: argparse.Namespace, report: dict) -> dict:
     from engine.launcher import _engine_argv
 
@@ -173,13 +237,34 @@ def serving(args: argparse.Namespace, report: dict) -> dict:
             )
             with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
                 out = Path(f.name)
-            rc = subprocess.run(
+            client = subprocess.Popen(
                 [sys.executable, str(REPO / "bench" / "serve.py"), "--base-url", url, "--num-prompts", str(n),
                  "--concurrency", str(c), "--input-len", str(args.serve_input_len),
-                 "--output-len", str(args.serve_output_len), "--seed", str(args.seed), "--json-out", str(out)],
-                cwd=REPO, stdout=subprocess.DEVNULL, check=False,
-            ).returncode  # fmt: skip
+                 "--output-len", str(args.serve_output_len), "--seed", str(args.seed), "--json-out", str(out),
+                 "--processes", str(min(args.client_processes, max(1, c // 32)))],
+                cwd=REPO, stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+            t0, cpu0 = time.monotonic(), _cpu_seconds([proc.pid])
+            child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            sampler = _CpuSampler(proc.pid)
+            capture = None
+            if args.serve_profile_seconds and c == levels[-1]:
+                capture = _capture_profile(url, client, args.serve_profile_seconds, args.trace_out)
+            rc = client.wait()
+            # The client's CPU time, its worker processes included: the only child reaped in the level.
+            child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            wall = time.monotonic() - t0
+            cpu1 = _cpu_seconds([proc.pid])
             result = json.loads(out.read_text()) if out.stat().st_size else {"concurrency": c, "failed": n}
+            # Cores each server process kept busy during the level, and the client's.
+            result["cpu_cores"] = {k: round((cpu1[k] - v) / wall, 2) for k, v in cpu0.items() if k in cpu1}
+            result["cpu_cores_peak_2s"] = sampler.stop()
+            client_cpu = child1.ru_utime + child1.ru_stime - child0.ru_utime - child0.ru_stime
+            result["cpu_cores"]["serve.py (client)"] = round(client_cpu / wall, 2)
+            if capture:
+                result["engine_trace"] = capture
+            say(f"serving: concurrency {c}: CPU cores busy {result['cpu_cores']}, "
+                f"busiest 2 s {result['cpu_cores_peak_2s']}")
             out.unlink()
             runs.append(result)
             if rc != 0:
@@ -204,6 +289,29 @@ def serving(args: argparse.Namespace, report: dict) -> dict:
         "offline_output_tokens_per_s": same and same["output_tokens_per_s"],
         "http_vs_offline": (top.get("output_throughput", 0) / same["output_tokens_per_s"]) if same else None,
     }
+
+
+def _capture_profile(url: str, client: subprocess.Popen, seconds: float, trace_out: Path | None) -> dict | None:
+    """Once the level is under way, an engine trace through POST /admin/profile, summarised."""
+    import httpx
+    import trace_summary
+
+    time.sleep(min(20.0, seconds * 2))  # past the ramp-up: every slot busy
+    if client.poll() is not None:
+        return None
+    try:
+        r = httpx.post(f"{url}/admin/profile", json={"seconds": seconds}, timeout=seconds + 300)
+        r.raise_for_status()
+        path = r.json().get("perfetto_trace")
+        summary = trace_summary.summarize(trace_summary.load(path))
+        trace_summary.print_summary(f"tgx serve engine during the top concurrency ({seconds:g} s)", summary)
+        if trace_out is not None:
+            trace_out.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, trace_out / "serving.perfetto_trace.json.gz")
+        return summary
+    except Exception as e:  # noqa: BLE001 - the measurement goes on without its trace
+        say(f"serving: profile capture failed: {e!r}")
+        return None
 
 
 def startup(args: argparse.Namespace) -> list[dict]:
@@ -260,6 +368,10 @@ def print_single(e: dict) -> None:
         ["decode vs floor", f"{ms / floor_ms:.2f}x the floor (the floor is {floor_ms / ms:.0%} of decode)"],
         ["TTFT", f"{s['ttft_ms']:.1f} ms"],
     ]
+    if prog := e.get("decode_program"):
+        rows.append(["decode program", f"{prog['entry_ops']} ops at the top level, {prog['command_buffers']} "
+                     f"command-buffer (CUDA graph) mentions, token bucket {prog['token_bucket']}"])
+    rows.append(["XLA_FLAGS", e.get("xla_flags") or "(none)"])
     title = (
         f"Single stream: {s['input_len']} in / {s['output_len']} out, EOS ignored, median of {len(s['runs'])}"
     )
@@ -332,6 +444,10 @@ def print_serving(s: dict) -> None:
         ]
     else:
         notes = [f"HTTP output tok/s at concurrency {top} / offline on the same workload: {frac:.2f}"]
+    for r in s["runs"]:
+        if "mean_streaming" in r:
+            notes.append(f"concurrency {r['concurrency']}: on average {r['mean_streaming']:.1f} requests streaming, "
+                         f"{r['mean_awaiting_first_token']:.1f} awaiting their first token")
     header = ["concurrency", "done", "failed", "req/s", "out tok/s", "TTFT med/p99 ms", "TPOT med/p99 ms",
               "ITL med/p99 ms"]  # fmt: skip
     table(f"Serving: tgx serve + bench/serve.py, {s['input_len']} in / {s['output_len']} out, streamed",
@@ -345,9 +461,13 @@ def print_startup(rows: list[dict]) -> None:
          r["compiled_programs"], r["cache_hits"], r["cache_misses"]]
         for r in rows
     ]  # fmt: skip
-    note = ("programs that compile faster than jax_persistent_cache_min_compile_time_secs (1 s by default) "
-            "are not written to the cache")  # fmt: skip
-    table("Start-up: engine process, random weights, warmup compiles every program", header, cells, [note])
+    notes = [
+        f"{r['run']}: " + ", ".join(f"{k}: {n} programs, trace+lower {lo:.1f} s, compile {c:.1f} s"
+                                    for k, (n, lo, c) in r.get("breakdown", {}).items())
+        for r in rows
+    ]  # fmt: skip
+    notes.append("trace+lower runs in Python on every start; the persistent cache skips only the compile")
+    table("Start-up: engine process, random weights, warmup compiles every program", header, cells, notes)
 
 
 # ---- main --------------------------------------------------------------------------------------
@@ -383,7 +503,7 @@ def main() -> int:
     def engine_parts() -> None:
         say(
             "engine: building the random-weight engine ("
-            + ", ".join(p for p in args.parts if p in ("single", "offline"))
+            + ", ".join(p for p in args.parts if p in ("single", "offline", "profile"))
             + ")"
         )
         e = report["engine"] = child("engine")
@@ -402,7 +522,7 @@ def main() -> int:
                     failed.append("hf")
             print_offline(e, hf)
 
-    if {"single", "offline"} & set(args.parts):
+    if {"single", "offline", "profile"} & set(args.parts):
         part("engine", engine_parts)
     if "serving" in args.parts:
         part("serving", lambda: print_serving(report.setdefault("serving", serving(args, report))))

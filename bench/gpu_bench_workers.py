@@ -10,6 +10,7 @@ process per part gives every part the whole device (JAX keeps what it allocated 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -47,6 +48,19 @@ def _engine(args):
     from engine.engine_factory import create_engine
 
     return create_engine(engine_config(args), progress=ProgressLine(), random_weights=True)
+
+
+def _program_shape(engine) -> dict:
+    """The smallest token bucket's forward program as XLA built it: how many of its ops run as one
+    CUDA graph (command buffer) launch, and how many are left to launch from the host one by one."""
+    bucket = min(engine.runner.limits.token_buckets)
+    text = engine.runner.forward_program(bucket).as_text() or ""
+    entry = text[text.rfind("ENTRY"):]
+    return {
+        "token_bucket": bucket,
+        "command_buffers": text.count("command_buffer"),
+        "entry_ops": sum(1 for line in entry.splitlines() if " = " in line),
+    }
 
 
 def _weight_bytes(loaded) -> tuple[int, int]:
@@ -175,11 +189,17 @@ def engine_worker(args) -> dict:
         "compiled_programs": engine.runner.num_compiled_programs,
         "weight_bytes": total,
         "weight_bytes_read_per_step": per_step,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "decode_program": _program_shape(engine),
     }
     if "single" in args.parts:
         copy_bytes = args.copy_mib << 20 if device.platform != "cpu" else min(args.copy_mib, 256) << 20
         out["copy"] = copy_bandwidth(copy_bytes)
         out["single"] = single_stream(engine, args, vocab, special)
+    if "profile" in args.parts:
+        from gpu_bench_profile import profile_worker_part
+
+        out["profile"] = profile_worker_part(engine, args, vocab, special)
     if "offline" in args.parts:
         out["offline"] = [offline(engine, args, i, o, vocab, special) for i, o in workloads(args.workloads)]
     return out
@@ -274,6 +294,7 @@ def startup_worker(args) -> dict:
         "engine_start_s": time.perf_counter() - t0,
         "warmup_s": engine.warmup_seconds,
         "compiled_programs": engine.runner.num_compiled_programs,
+        "breakdown": engine.runner.warmup_breakdown,
         "cache_hits": counts["hits"],
         "cache_misses": counts["misses"],
     }

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
+import multiprocessing
 import random
 import statistics
 import sys
@@ -30,12 +32,13 @@ class Result:
     error: str = ""
     prompt_tokens: int = 0
     output_tokens: int = 0
+    sent: float = 0.0  # since the run's start
     ttft: float = 0.0
     e2el: float = 0.0
     itl: list[float] = field(default_factory=list)
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], output_len: int) -> Result:
+async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], output_len: int, t0: float) -> Result:
     body = {
         "model": "tgx",
         "prompt": prompt,
@@ -46,6 +49,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], ou
         "stream_options": {"include_usage": True},
     }
     res, start = Result(), time.perf_counter()
+    res.sent = start - t0
     last = start
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
@@ -73,34 +77,56 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], ou
     return res
 
 
-async def run(args: argparse.Namespace) -> tuple[list[Result], float]:
-    rng = random.Random(args.seed)
-    lo, hi = args.token_id_range
-    prompts = [[rng.randrange(lo, hi) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
-    limit = asyncio.Semaphore(args.concurrency or args.num_prompts)
+async def _client(args: argparse.Namespace, prompts: list[list[int]], delays: list[float], concurrency: int,
+                  t0: float, label: str) -> list[Result]:
+    """One process's share: its prompts at its share of the concurrency, timed against t0 (monotonic)."""
+    limit = asyncio.Semaphore(concurrency or len(prompts))
     done = 0
 
     async def task(client, prompt, delay):
         nonlocal done
-        await asyncio.sleep(delay)
+        await asyncio.sleep(max(0.0, t0 + delay - time.perf_counter()))
         async with limit:
-            res = await one_request(client, args.base_url, prompt, args.output_len)
+            res = await one_request(client, args.base_url, prompt, args.output_len, t0)
         done += 1
-        if done % max(1, args.num_prompts // 10) == 0 or done == args.num_prompts:
-            print(f"[{done}/{args.num_prompts}] requests done", file=sys.stderr, flush=True)
+        if done % max(1, len(prompts) // 10) == 0 or done == len(prompts):
+            print(f"[{done}/{len(prompts)}] requests done{label}", file=sys.stderr, flush=True)
         return res
 
+    limits = httpx.Limits(max_connections=(concurrency or len(prompts)) + 8)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits) as client:
+        return await asyncio.gather(*(task(client, p, d) for p, d in zip(prompts, delays)))
+
+
+def _client_process(job: tuple) -> list[Result]:
+    return asyncio.run(_client(*job))
+
+
+def run(args: argparse.Namespace) -> tuple[list[Result], float]:
+    rng = random.Random(args.seed)
+    lo, hi = args.token_id_range
+    prompts = [[rng.randrange(lo, hi) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
     # Poisson arrivals at --request-rate; inf sends everything at once (concurrency still caps).
     delays, t = [], 0.0
     for _ in prompts:
         delays.append(t)
         if args.request_rate != float("inf"):
             t += rng.expovariate(args.request_rate)
-    limits = httpx.Limits(max_connections=(args.concurrency or args.num_prompts) + 8)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits) as client:
-        start = time.perf_counter()
-        results = await asyncio.gather(*(task(client, p, d) for p, d in zip(prompts, delays)))
-        return results, time.perf_counter() - start
+    n = max(1, min(args.processes, args.concurrency or args.num_prompts, args.num_prompts))
+    if n == 1:
+        t0 = time.perf_counter()
+        results = asyncio.run(_client(args, prompts, delays, args.concurrency, t0, ""))
+        return results, time.perf_counter() - t0
+    # Several client processes, so that parsing thousands of streamed events a second never makes
+    # the client the bottleneck. Process i takes every n-th prompt and its share of the concurrency;
+    # all start at one instant of the (system-wide) monotonic clock.
+    share = [args.concurrency // n + (i < args.concurrency % n) for i in range(n)] if args.concurrency else [0] * n
+    t0 = time.perf_counter() + 1.0
+    jobs = [(args, prompts[i::n], delays[i::n], share[i], t0, f" (client process {i + 1}/{n})") for i in range(n)]
+    with concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork")) as pool:
+        parts = list(pool.map(_client_process, jobs))
+    results = [r for part in parts for r in part]
+    return results, max(r.sent + r.e2el for r in results) if results else 0.0
 
 
 def summarize(results: list[Result], duration: float, args: argparse.Namespace) -> dict:
@@ -135,6 +161,12 @@ def summarize(results: list[Result], duration: float, args: argparse.Namespace) 
     out |= stats("tpot", ms(tpot))
     out |= stats("itl", ms([x for r in ok for x in r.itl]))
     out |= stats("e2el", ms([r.e2el for r in ok]))
+    # Little's law over the run: how many requests were, on average, waiting for their first token
+    # and how many were streaming. A server that keeps its batch full has few of the first.
+    out["mean_awaiting_first_token"] = sum(r.ttft for r in ok) / duration
+    out["mean_streaming"] = sum(r.e2el - r.ttft for r in ok) / duration
+    # Each request's (sent, first token, done) in seconds since the start: shows waves of arrivals.
+    out["timeline"] = [[round(r.sent, 4), round(r.sent + r.ttft, 4), round(r.sent + r.e2el, 4)] for r in ok]
     errors = sorted({r.error for r in results if r.error})
     if errors:
         out["errors"] = errors[:5]
@@ -173,10 +205,12 @@ def main() -> None:
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second")
     parser.add_argument("--token-id-range", type=int, nargs=2, default=(1000, 9000))
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="client processes sharing the prompts and the concurrency (keeps the client off the critical path)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
-    results, duration = asyncio.run(run(args))
+    results, duration = run(args)
     summary = summarize(results, duration, args)
     print_table(summary)
     if args.json_out:

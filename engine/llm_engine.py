@@ -359,6 +359,7 @@ class LLMEngine:
         if result.next_token_logprobs is not None:
             self._collect_prompt_logprobs(schedule, result.next_token_logprobs)
         outputs = []
+        tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()  # Python ints/floats, once
         for update, index in updates:
             if update.new_token is None:
                 continue
@@ -367,7 +368,7 @@ class LLMEngine:
             if detok is None:  # aborted, or stopped at an earlier step while this one ran: dropped
                 continue
             row = row_of[id(req)]
-            token_id = int(result.tokens[row])
+            token_id = tokens[row]
             req.set_output_token(index, token_id)
             reason = update.finish_reason if update.is_finished else None
             if (stop := scheduler.token_stop_reason(req, token_id)) is not None:
@@ -378,7 +379,7 @@ class LLMEngine:
             token = GeneratedToken(
                 token_id=token_id,
                 text=piece.text,
-                logprob=float(result.logprobs[row]),
+                logprob=logprobs[row],
                 is_special=token_id in self._special_ids,
                 top=self._top(result, row, req.params.top_n_tokens),
             )

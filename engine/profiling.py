@@ -29,9 +29,10 @@ MIN_CAPTURE_SECONDS = 1.0
 MAX_CAPTURE_SECONDS = 120.0
 
 
-def phase(name: str) -> jax.profiler.TraceAnnotation:
-    """A host-side trace range `tgx.<name>`; costs next to nothing while no trace is running."""
-    return jax.profiler.TraceAnnotation(f"tgx.{name}")
+def phase(name: str, **args: int) -> jax.profiler.TraceAnnotation:
+    """A host-side trace range `tgx.<name>`; costs next to nothing while no trace is running.
+    `args` show as the range's arguments in the trace (e.g. a step's tokens and bucket)."""
+    return jax.profiler.TraceAnnotation(f"tgx.{name}", **args)
 
 
 def check_seconds(seconds: float) -> float:

@@ -45,11 +45,11 @@ from engine import sampling
 from engine.config import Limits
 from engine.pallas_kernels.ragged_paged_attention.metadata import AttentionMetadata, kv_cache_shape
 from engine.profiling import phase
-from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Schedule
 from engine.sharding.distributed import decode_arrays, encode_arrays
 from engine.sharding.step_layout import StepLayout
+from engine.step_arrays import build_step_arrays
 
 log = logging.getLogger(__name__)
 _NEUTRAL = SamplingParams()  # what rows whose sample is discarded are given
@@ -160,6 +160,17 @@ def _sample(graphdef, treedef, leaves, hidden_last, smd, *, num_rows, variant):
     return out, tokens
 
 
+def sample_buckets(request_buckets: tuple[int, ...], platform: str) -> tuple[int, ...]:
+    """Row counts the sampler is compiled for. On an accelerator the lm_head reads its whole weight
+    whatever the rows (Llama-3.1-8B, H100: 0.37 ms from 1 to 32 rows), so 16, 64, 256, ... and the
+    largest bucket do: a third of the programs to trace at every start. A CPU computes every row,
+    so it keeps every power of two."""
+    if platform == "cpu":
+        return request_buckets
+    top = request_buckets[-1]
+    return tuple(b for b in request_buckets if b == top or (b >= 16 and (b.bit_length() - 1) % 2 == 0))
+
+
 class ModelRunner:
     def __init__(
         self, model: nnx.Module, limits: Limits, *, max_top_n_tokens: int, enable_prefill_logprobs: bool = False,
@@ -197,7 +208,11 @@ class ModelRunner:
         self._forward_programs: dict[int, jax.stages.Compiled] = {}
         self._prompt_programs: dict[int, jax.stages.Compiled] = {}
         self._sample_programs: dict[tuple[int, SampleVariant], jax.stages.Compiled] = {}
+        # Where warmup's time went, per program kind: [programs, trace+lower s, compile s]. Python
+        # tracing and lowering run on every start; compiling is what the persistent cache skips.
+        self.warmup_breakdown: dict[str, list] = {}
         self._history_len = limits.max_total_tokens
+        self.sample_buckets = sample_buckets(limits.request_buckets, jax.default_backend())
         r_max = limits.request_buckets[-1]
         # The last launched step's sampled tokens [R_max] (on device), and each sampled request's row.
         self._prev_tokens = self.layout.put(
@@ -216,6 +231,10 @@ class ModelRunner:
     def num_compiled_programs(self) -> int:
         return len(self._forward_programs) + len(self._sample_programs) + len(self._prompt_programs)
 
+    def forward_program(self, t_pad: int) -> jax.stages.Compiled:
+        """The compiled forward of one token bucket (benchmarks read its optimized HLO)."""
+        return self._forward_programs[t_pad]
+
     def sample_variants(self) -> list[SampleVariant]:
         tops = sorted({0, self.max_top_n_tokens})
         return [SampleVariant(g, p, n) for g, p, n in itertools.product((True, False), (False, True), tops)]
@@ -224,32 +243,42 @@ class ModelRunner:
         """Compiles every (bucket, variant) program; returns the seconds it took."""
         start = time.perf_counter()
         jobs = [("forward", t) for t in self.limits.token_buckets] + [
-            ("sample", (r, v)) for r in self.limits.request_buckets for v in self.sample_variants()
+            ("sample", (r, v)) for r in self.sample_buckets for v in self.sample_variants()
         ]
         if self.enable_prefill_logprobs:
             jobs += [("prompt_logprobs", t) for t in self.limits.token_buckets]
         for i, (kind, key) in enumerate(jobs):
             if progress:
                 progress(i, len(jobs), f"compiling {kind} {key}")
+            t0 = time.perf_counter()
             if kind == "forward":
-                self._forward_programs[key] = self._compile_forward(key)
+                lowered = self._lower_forward(key)
             elif kind == "prompt_logprobs":
                 hidden = self.layout.abstract((key, self.config.hidden_size), self.kv_dtype)
                 targets = self.layout.abstract((key,), jnp.int32)
                 with self.layout.tracing():
                     lowered = self._prompt_jit.lower(self._leaves, hidden, targets)
-                self._prompt_programs[key] = lowered.compile()
             else:
-                self._sample_programs[key] = self._compile_sample(*key)
+                lowered = self._lower_sample(*key)
+            t1 = time.perf_counter()
+            programs = {"forward": self._forward_programs, "prompt_logprobs": self._prompt_programs}
+            programs.get(kind, self._sample_programs)[key] = lowered.compile()
+            acc = self.warmup_breakdown.setdefault(kind, [0, 0.0, 0.0])
+            acc[0] += 1
+            acc[1] += t1 - t0
+            acc[2] += time.perf_counter() - t1
         if progress:
             progress(len(jobs), len(jobs), "compiled")
         elapsed = time.perf_counter() - start
-        log.info("warmup compiled %d programs in %.1f s", self.num_compiled_programs, elapsed)
+        log.info("warmup compiled %d programs in %.1f s (%s)", self.num_compiled_programs, elapsed, ", ".join(
+            f"{k}: {n} programs, trace+lower {lo:.1f} s, compile {c:.1f} s"
+            for k, (n, lo, c) in self.warmup_breakdown.items()
+        ))
         return elapsed
 
-    def _compile_forward(self, num_tokens: int) -> jax.stages.Compiled:
+    def _lower_forward(self, num_tokens: int) -> jax.stages.Lowered:
         r_max = self.limits.request_buckets[-1]
-        i32 = lambda *shape: self.layout.abstract(shape, jnp.int32)  # noqa: E731
+        i32 = lambda *shape: self.layout.abstract(shape, jnp.int32)
         others = range(len(self.limits.kv_groups) - 1)
         md = AttentionMetadata(
             positions=i32(num_tokens),
@@ -265,17 +294,16 @@ class ModelRunner:
                 self._leaves, self._kv_caches, self.layout.abstract((r_max,), jnp.int32, readable=True),
                 i32(num_tokens), i32(num_tokens), md, i32(r_max),
             )
-        return lowered.compile()
+        return lowered
 
-    def _compile_sample(self, num_rows: int, variant: SampleVariant) -> jax.stages.Compiled:
+    def _lower_sample(self, num_rows: int, variant: SampleVariant) -> jax.stages.Lowered:
         r_max = self.limits.request_buckets[-1]
         hidden = self.layout.abstract((r_max, self.config.hidden_size), self.kv_dtype)
         history = self._history_len if variant.use_penalties else None
         smd = self.layout.abstract_like(sampling.build_sampling_metadata([], num_rows, history))
         fn = functools.partial(_sample, *self._graph, num_rows=num_rows, variant=variant)
         with self.layout.tracing():
-            lowered = jax.jit(self.layout.program(fn, readable=True)).lower(self._leaves, hidden, smd)
-        return lowered.compile()
+            return jax.jit(self.layout.program(fn, readable=True)).lower(self._leaves, hidden, smd)
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -284,7 +312,7 @@ class ModelRunner:
     ) -> tuple[int, int, SampleVariant, bool]:
         """Buckets, sampler variant and whether prompt logprobs are wanted: common to every replica."""
         t_pad = self._bucket(self.limits.token_buckets, max(s.num_tokens for s in schedules), "tokens")
-        r_pad = self._bucket(self.limits.request_buckets, max(len(s.chunks) for s in schedules), "requests")
+        r_pad = self._bucket(self.sample_buckets, max(len(s.chunks) for s in schedules), "requests")
         variant = SampleVariant(
             all(v.all_greedy for v in variants),
             any(v.use_penalties for v in variants),
@@ -328,54 +356,20 @@ class ModelRunner:
         num_tokens = sum(c.num_tokens for c in chunks)
         if shape is None:
             t_pad = self._bucket(self.limits.token_buckets, num_tokens, "tokens")
-            r_pad = self._bucket(self.limits.request_buckets, len(chunks), "requests")
+            r_pad = self._bucket(self.sample_buckets, len(chunks), "requests")
         else:
             t_pad, r_pad = shape[:2]
-        r_max = self.limits.request_buckets[-1]
-        page_size = self.limits.page_size
-        num_groups = len(self.limits.kv_groups)
-
-        input_ids = np.zeros(t_pad, np.int32)
-        prev_index = np.full(t_pad, -1, np.int32)
-        prev_rows, rows_now = self._prev_rows[replica], {}
-        positions = np.zeros(t_pad, np.int32)
-        slot_mapping = np.zeros((num_groups, t_pad), np.int32)  # per KV cache group
-        token_seq = np.zeros(t_pad, np.int32)
-        page_table = np.zeros((num_groups, r_max, self.limits.max_pages_per_seq), np.int32)
-        seq_lens = np.zeros(r_max, np.int32)
-        logits_indices = np.zeros(r_max, np.int32)
         want_prompt = self._wants_prompt_logprobs(schedule) if shape is None else shape[3]
-        targets = np.zeros(t_pad, np.int32) if want_prompt else None
-        offset = 0
-        for row, chunk in enumerate(chunks):
-            req, n = chunk.request, chunk.num_tokens
-            pos = np.arange(chunk.start, chunk.start + n, dtype=np.int32)
-            span = slice(offset, offset + n)
-            input_ids[span] = ids = chunk.token_ids
-            if ids[-1] == Request.PLACEHOLDER:  # only a decode's one token can still be in flight
-                prev_index[offset + n - 1] = prev_rows[id(req)]
-            if chunk.samples:
-                rows_now[id(req)] = row
-            positions[span] = pos
-            token_seq[span] = row
-            for g, group_pages in enumerate(req.pages):
-                # Entries of pages released from a sliding window are 0: the trash page, masked.
-                pages = np.asarray(group_pages, np.int32)
-                assert pages[chunk.start // page_size], "a step would write into a released page"
-                slot_mapping[g, span] = pages[pos // page_size] * page_size + pos % page_size
-                page_table[g, row, : len(pages)] = pages
-            seq_lens[row] = chunk.start + n
-            if targets is not None:
-                following = req.all_token_ids[chunk.start + 1 : chunk.start + n + 1]
-                targets[offset : offset + len(following)] = following
-            offset += n
-            logits_indices[row] = offset - 1
-        # Padding tokens keep position 0 / slot 0: they write into the reserved page 0.
-        md = AttentionMetadata(
-            positions, slot_mapping[0], token_seq, page_table[0], seq_lens,
-            group_page_tables=tuple(page_table[1:]), group_slot_mappings=tuple(slot_mapping[1:]),
+        a = build_step_arrays(
+            chunks, t_pad=t_pad, r_max=self.limits.request_buckets[-1], max_pages=self.limits.max_pages_per_seq,
+            page_size=self.limits.page_size, num_groups=len(self.limits.kv_groups),
+            prev_rows=self._prev_rows[replica], want_targets=want_prompt,
         )
-
+        md = AttentionMetadata(
+            a.positions, a.slot_mapping[0], a.token_seq, a.page_table[0], a.seq_lens,
+            group_page_tables=tuple(a.page_table[1:]), group_slot_mappings=tuple(a.slot_mapping[1:]),
+        )
+        rows_now = {id(c.request): row for row, c in enumerate(chunks) if c.samples}
         self._prev_rows[replica] = rows_now
         if shape is None:
             rows, variant = self._sampling_rows(schedule)
@@ -385,8 +379,8 @@ class ModelRunner:
         history = self._history_len if variant.use_penalties else None
         smd = sampling.build_sampling_metadata(rows, r_pad, history)
         return _StepInputs(
-            t_pad, r_pad, variant, input_ids, md, logits_indices, smd, targets, (len(chunks),), (num_tokens,),
-            prev_index,
+            t_pad, r_pad, variant, a.input_ids, md, a.logits_indices, smd, a.targets, (len(chunks),),
+            (num_tokens,), a.prev_index,
         )
 
     def execute(self, schedule: Schedule) -> StepOutput:
@@ -406,7 +400,8 @@ class ModelRunner:
     def dispatch(self, x: _StepInputs) -> Pending:
         """Launches the step's programs without waiting for them (jax dispatch is asynchronous)."""
         # The programs' device time shows on the trace's device rows, and on the host inside `wait`.
-        with phase("device_execute"):
+        # The step's shape rides on the range: traces show bucket padding and the decode/prefill mix.
+        with phase("device_execute", tokens=sum(x.num_tokens), t_pad=x.t_pad, rows=sum(x.num_rows), r_pad=x.r_pad):
             input_ids, prev_index, md, logits_indices, smd, targets = self.layout.put(x.arrays)
             forward = self._forward_programs[x.t_pad]
             hidden_last, hidden, self._kv_caches = forward(

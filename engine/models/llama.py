@@ -19,7 +19,7 @@ from flax import nnx
 from engine.models.base import AttentionFn
 from engine.models.config import ModelConfig
 from engine.models.layers.attention import Attention
-from engine.models.layers.embed import Embed
+from engine.models.layers.embed import Embed, vocab_logits
 from engine.models.layers.linear import Linear
 from engine.models.layers.mlp import GatedMLP
 from engine.models.layers.moe import SparseMoE
@@ -117,7 +117,6 @@ class LlamaForCausalLM(nnx.Module):
         if self.config.tie_word_embeddings:
             logits = self.model.embed_tokens.attend(hidden)
         else:
-            w = self.lm_head.weight[...]  # [V, D]
-            logits = jnp.einsum("rd,vd->rv", hidden, w, preferred_element_type=jnp.float32)
+            logits = vocab_logits(hidden, self.lm_head.weight[...])  # [V, D] weight
         cap = self.config.final_logit_softcap
         return logits if cap is None else cap * jnp.tanh(logits / cap)

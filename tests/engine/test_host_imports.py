@@ -12,6 +12,7 @@ HOST_MODULES = (
     "engine.request",
     "engine.kv_cache",
     "engine.scheduler",
+    "engine.step_arrays",
     "engine.detokenizer",
     "engine.sampling_params",
 )

@@ -357,3 +357,13 @@ def test_logit_bias_rides_on_the_penalty_path():
     assert tokens[0] == 7
     assert tokens[1] != natural[1]
     assert tokens[2] == natural[2]
+
+
+def test_sampler_row_buckets_are_coarse_on_accelerators_only():
+    from engine.runner import sample_buckets
+
+    every = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    assert sample_buckets(every, "gpu") == (16, 64, 256)
+    assert sample_buckets(every[:-1], "tpu") == (16, 64, 128)
+    assert sample_buckets((1, 2, 4, 8), "gpu") == (8,)
+    assert sample_buckets(every, "cpu") == every

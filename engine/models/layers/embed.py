@@ -29,4 +29,15 @@ class Embed(nnx.Module):
 
     def attend(self, hidden: jax.Array) -> jax.Array:
         """Tied logits: hidden [R, D] -> [R, V] float32."""
-        return jnp.einsum("rd,vd->rv", hidden, self.weight[...], preferred_element_type=jnp.float32)
+        return vocab_logits(hidden, self.weight[...])
+
+
+def vocab_logits(hidden: jax.Array, weight: jax.Array) -> jax.Array:
+    """hidden [R, D] @ weight [V, D].T -> logits [R, V] float32, tied or not.
+
+    The product comes out in the weight's dtype (accumulated in float32 inside the matmul, as HF
+    and vLLM do) and is upcast after. Asking XLA GPU for a float32 result from bfloat16 operands
+    let it pick, at one or two rows, a float32 cuBLAS gemv fed by a float32 copy of the whole
+    [V, D] table, made every step: 1.7 ms of a 8.1 ms Llama-3.1-8B decode step on an H100.
+    """
+    return jnp.einsum("rd,vd->rv", hidden.astype(weight.dtype), weight).astype(jnp.float32)

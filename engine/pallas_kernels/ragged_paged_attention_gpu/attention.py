@@ -96,4 +96,7 @@ def ragged_paged_attention_gpu(
                                             interpret=interpret)
         dec = kernel.combine(m, l, acc).astype(out.dtype)  # [ND, K, G, H]
         out = out.at[plan.decodes[D_TOK]].set(dec, mode="drop")  # unused items point at T: dropped
+        # Tokens that see no key are in neither work list: their rows were never written.
+        live = plan.bounds[1] > plan.bounds[0]  # [T]
+        out = jnp.where(live[:, None, None, None], out, 0)
     return out.reshape(t, n, h).astype(q.dtype), kv_cache

@@ -5,11 +5,13 @@ Owns: turning the flat token stream into query blocks (prefill kernel) and singl
 or the cache, or depend on anything but the metadata and static sizes (it runs inside the jit, so
 the lists have static capacities and the used entries come first).
 
-Runs: maximal stretches of consecutive tokens of one request. A token that sees no key (padding
-sent to an empty row) takes its predecessor's row, so it never splits a run; it gives 0 wherever it
-is computed. A run of one token is a decode item; longer runs are cut into blocks of `block_tokens`.
-Capacities assume each request's tokens are contiguous in the stream (the runner's layout): at most
-R + 2 runs (every row, the padding tail, and a head of tokens that see nothing).
+Runs: maximal stretches of consecutive tokens of one request that see at least one key. A token
+that sees none (padding sent to an empty row) is in no run and no work list: the caller writes 0 for
+it. Padding that joined the last request's run would turn a lone decode into a prefill block over
+its whole context (measured: 18 us per layer on an H100 at one stream). A run of one token is a
+decode item; longer runs are cut into blocks of `block_tokens`. Capacities assume each request's
+tokens are contiguous in the stream (the runner's layout): at most R + 2 runs (every row, and
+padding that points at a live row).
 """
 
 from __future__ import annotations
@@ -56,24 +58,23 @@ def build_plan(md: AttentionMetadata, *, block_tokens: int, sliding_window: int 
     lo, hi = key_bounds(md, sliding_window)  # [T], [T]
     live = hi > lo
 
-    # Row of the last live token so far; -1 before the first (those tokens form one run of their own).
-    last_live = jax.lax.cummax(jnp.where(live, t, -1))  # [T]
-    key = jnp.where(last_live >= 0, md.token_seq[jnp.maximum(last_live, 0)], -1)  # [T]
+    key = jnp.where(live, md.token_seq, -1)  # [T]: -1 marks tokens that are in no run
     change = key[1:] != key[:-1]  # [T-1]
     first = jax.lax.cummax(jnp.where(jnp.concatenate([jnp.ones(1, bool), change]), t, 0))  # [T]
     last = jax.lax.cummin(jnp.where(jnp.concatenate([change, jnp.ones(1, bool)]), t, t_len), reverse=True)
     run_len, offset = last - first + 1, t - first  # [T], [T]
     row = jnp.maximum(key, 0)  # [T]
-    single = run_len == 1
+    single = (run_len == 1) & live
+    multi = (run_len > 1) & live
 
     # Prefill blocks: every block_tokens-th token of a longer run starts one; list index = cumsum.
-    starts = ~single & (offset % block_tokens == 0)  # [T]
+    starts = multi & (offset % block_tokens == 0)  # [T]
     blk = jnp.cumsum(starts) - 1  # [T]: the block of each token of a longer run
     at_start = jnp.where(starts, blk, nb)  # out of range: dropped
     head = jnp.stack([row, t, jnp.minimum(block_tokens, run_len - offset)])  # [3, T]
     blocks_head = jnp.zeros((3, nb), jnp.int32).at[:, at_start].set(head, mode="drop")
     # KV range of a block: union over its live tokens (min lo, max hi), as one scatter-min.
-    member = jnp.where(~single & live, blk, nb)
+    member = jnp.where(multi, blk, nb)
     big = jnp.iinfo(jnp.int32).max
     ranges = jnp.full((2, nb), big, jnp.int32).at[:, member].min(jnp.stack([lo, -hi]), mode="drop")
     b_lo, b_hi = ranges[0], -ranges[1]

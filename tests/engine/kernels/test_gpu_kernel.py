@@ -24,6 +24,7 @@ from engine.pallas_kernels.ragged_paged_attention import (
     ragged_paged_attention,
 )
 from engine.pallas_kernels.ragged_paged_attention_gpu import ragged_paged_attention_gpu
+from engine.pallas_kernels.ragged_paged_attention_gpu.plan import build_plan
 from engine.pallas_kernels.ragged_paged_attention_gpu.tuned_block_sizes import INTERPRET
 from tests.engine.models.paged import Step, TinyPagedEngine
 
@@ -46,12 +47,14 @@ def _step(rng, engine, requests, *, num_tokens, num_rows, max_pages) -> Step:
 
 
 def _padding_to_empty_row(step: Step) -> Step:
-    """Every other padding token goes to an empty row: it must see no key and give 0."""
+    """The second half of the padding goes to an empty row: it must see no key and give 0. The first
+    half keeps row 0 at position 0 (the runner's layout when every row is taken). Padding stays one
+    contiguous tail, as the plan's capacities assume."""
     seq_lens = np.asarray(step.md.seq_lens)
     real = np.concatenate(step.token_index)
     pad = np.setdiff1d(np.arange(step.md.positions.shape[0]), real)
     token_seq = np.asarray(step.md.token_seq).copy()
-    token_seq[pad[::2]] = np.flatnonzero(seq_lens == 0)[0]
+    token_seq[pad[len(pad) // 2:]] = np.flatnonzero(seq_lens == 0)[0]
     md = AttentionMetadata(step.md.positions, step.md.slot_mapping, jnp.asarray(token_seq),
                            step.md.page_table, step.md.seq_lens)
     return Step(step.input_ids, md, step.token_index, step.row)
@@ -109,6 +112,24 @@ def test_interpreted_kernel_matches_oracle(dtype, page_size, k_heads, group, win
     np.testing.assert_array_equal(np.asarray(new_cache, np.float32), np.asarray(want_cache, np.float32))
 
 
+def test_plan_keeps_padding_out_of_a_lone_decode():
+    """One decode then padding sent to an empty row (the runner's layout of a single stream in a
+    16-token bucket): one decode item over the whole context and no prefill block."""
+    rng = np.random.default_rng()
+    engine = TinyPagedEngine(num_pages=NUM_PAGES, page_size=16, seed=int(rng.integers(1 << 31)))
+    context = int(rng.integers(20, 300))
+    step = _step(rng, engine, [(context, 1)], num_tokens=16, num_rows=4, max_pages=32)
+    token_seq = np.asarray(step.md.token_seq).copy()
+    (decode,) = step.token_index[0]
+    token_seq[np.setdiff1d(np.arange(16), [decode])] = 3  # an empty row
+    md = AttentionMetadata(step.md.positions, step.md.slot_mapping, jnp.asarray(token_seq),
+                           step.md.page_table, step.md.seq_lens)
+    plan = build_plan(md, block_tokens=4, sliding_window=None)
+    assert tuple(np.asarray(plan.counts)) == (0, 1)
+    assert np.asarray(plan.decodes)[1, 0] == decode
+    assert np.asarray(plan.decodes)[3, 0] == context + 1  # it sees its whole context and itself
+
+
 def test_unsupported_head_dim_falls_back_to_reference():
     rng = np.random.default_rng()
     engine = TinyPagedEngine(num_pages=NUM_PAGES, page_size=4, seed=int(rng.integers(1 << 31)))
@@ -122,12 +143,12 @@ def test_unsupported_head_dim_falls_back_to_reference():
 
 def test_dispatch_picks_kernel_on_gpu_only(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    assert dispatch.attention_fn_for("gpu") is ragged_paged_attention_gpu
-    assert dispatch.attention_fn_for("cpu") is ragged_paged_attention
-    assert dispatch.attention_fn_for("tpu") is ragged_paged_attention
-    assert dispatch.attention_fn_for("gpu", backend="reference") is ragged_paged_attention
+    assert dispatch.attention_fn_for("gpu").__wrapped__ is ragged_paged_attention_gpu
+    assert dispatch.attention_fn_for("cpu").__wrapped__ is ragged_paged_attention
+    assert dispatch.attention_fn_for("tpu").__wrapped__ is ragged_paged_attention
+    assert dispatch.attention_fn_for("gpu", backend="reference").__wrapped__ is ragged_paged_attention
     monkeypatch.setenv(dispatch.ENV_VAR, "reference")
-    assert dispatch.attention_fn_for("gpu") is ragged_paged_attention
+    assert dispatch.attention_fn_for("gpu").__wrapped__ is ragged_paged_attention
     with pytest.raises(ValueError, match="attention backend 'flash'.*auto, reference, pallas"):
         dispatch.attention_fn_for("gpu", backend="flash")
     with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
