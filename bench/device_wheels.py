@@ -19,7 +19,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOTS = ("litestar", "msgspec", "uvicorn", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-grpc")
+# pytest: to run the `gpu`-marked tests there (JAX_PLATFORMS=cuda python3 -m pytest -m gpu tests/...).
+ROOTS = (
+    "litestar", "msgspec", "uvicorn", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-grpc", "pytest",
+)
 # On the device, but too old or missing there (seen 2026-11-22): grpcio 1.84 fails our generated
 # stubs' version check (they need >= 1.85.1), protobuf must match grpcio, and sniffio is absent.
 ALWAYS = ("grpcio", "protobuf", "sniffio")

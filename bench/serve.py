@@ -206,7 +206,8 @@ def main() -> None:
     parser.add_argument("--token-id-range", type=int, nargs=2, default=(1000, 9000))
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--processes", type=int, default=1,
-                        help="client processes sharing the prompts and the concurrency (keeps the client off the critical path)")
+                        help="client processes sharing the prompts and the concurrency (keeps a busy client "
+                             "off the critical path)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()

@@ -6,7 +6,7 @@ per-step conversion of a Schedule into fixed-shape arrays (a page table and slot
 group) and of the sampled result back into numpy. Must not: decide what runs (the scheduler
 does), know request lifecycles, or detokenize.
 
-Two programs make a step. `forward` runs the model over the step's flat, padded token stream
+Two programs make a step (their bodies are engine.step_programs). `forward` runs the model over the step's flat, padded token stream
 (prefill chunks and decodes mixed) and gathers the hidden state at each request's last token into a
 [max_batch_size, D] buffer; it compiles once per token bucket. `sample` computes logits for those
 rows and samples; it compiles once per request bucket and sampling variant. Splitting them keeps
@@ -50,6 +50,7 @@ from engine.scheduler import Schedule
 from engine.sharding.distributed import decode_arrays, encode_arrays
 from engine.sharding.step_layout import StepLayout
 from engine.step_arrays import build_step_arrays
+from engine.step_programs import SampleVariant, forward, prompt_logprobs, sample, sample_buckets
 
 log = logging.getLogger(__name__)
 _NEUTRAL = SamplingParams()  # what rows whose sample is discarded are given
@@ -105,72 +106,6 @@ class Pending:
     num_tokens: tuple[int, ...]
 
 
-@dataclasses.dataclass(frozen=True)
-class SampleVariant:
-    """The static sampler flags: each combination is its own compiled program."""
-
-    all_greedy: bool
-    use_penalties: bool
-    num_top_logprobs: int
-
-
-def _forward(graphdef, treedef, leaves, kv_caches, prev_tokens, input_ids, prev_index, md, logits_indices):
-    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    # Decodes whose input is the previous step's sample read it here: it never went to the host.
-    input_ids = jnp.where(prev_index >= 0, prev_tokens[jnp.maximum(prev_index, 0)], input_ids)  # [T]
-    with jax.named_scope("forward"):
-        hidden, kv_caches = model(input_ids, kv_caches, md)  # [T, D]
-    return hidden[logits_indices], hidden, kv_caches  # [R_max, D], [T, D]
-
-
-_PROMPT_LOGPROB_CHUNK = 16  # tokens per lm_head slice: bounds the [chunk, V] logits held at once
-
-
-def _prompt_logprobs(graphdef, treedef, leaves, hidden, targets):
-    """log p(targets[t] | tokens <= t) for every flat token t. [T] f32."""
-    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    t = hidden.shape[0]
-    pad = -t % _PROMPT_LOGPROB_CHUNK
-    hidden = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, _PROMPT_LOGPROB_CHUNK, hidden.shape[-1])
-    targets = jnp.pad(targets, (0, pad)).reshape(-1, _PROMPT_LOGPROB_CHUNK)
-
-    def one(args):
-        h, tgt = args  # [C, D], [C]
-        logits = model.compute_logits(h)  # [C, V] float32
-        return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tgt[:, None], -1)[:, 0]
-
-    with jax.named_scope("prompt_logprobs"):
-        return jax.lax.map(one, (hidden, targets)).reshape(-1)[:t]
-
-
-def _sample(graphdef, treedef, leaves, hidden_last, smd, *, num_rows, variant):
-    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    with jax.named_scope("logits"):
-        logits = model.compute_logits(hidden_last[:num_rows])  # [R, V] float32
-    with jax.named_scope("sample"):
-        out = sampling.sample(
-            logits,
-            smd,
-            all_greedy=variant.all_greedy,
-            use_penalties=variant.use_penalties,
-            num_top_logprobs=variant.num_top_logprobs,
-        )
-    # The next step's forward reads these at a fixed shape, whatever this step's row bucket.
-    tokens = jnp.pad(out.tokens, (0, hidden_last.shape[0] - num_rows))  # [R_max]
-    return out, tokens
-
-
-def sample_buckets(request_buckets: tuple[int, ...], platform: str) -> tuple[int, ...]:
-    """Row counts the sampler is compiled for. On an accelerator the lm_head reads its whole weight
-    whatever the rows (Llama-3.1-8B, H100: 0.37 ms from 1 to 32 rows), so 16, 64, 256, ... and the
-    largest bucket do: a third of the programs to trace at every start. A CPU computes every row,
-    so it keeps every power of two."""
-    if platform == "cpu":
-        return request_buckets
-    top = request_buckets[-1]
-    return tuple(b for b in request_buckets if b == top or (b >= 16 and (b.bit_length() - 1) % 2 == 0))
-
-
 class ModelRunner:
     def __init__(
         self, model: nnx.Module, limits: Limits, *, max_top_n_tokens: int, enable_prefill_logprobs: bool = False,
@@ -200,10 +135,10 @@ class ModelRunner:
         )  # L x [2, P_group, S, K, H], each with a leading replica axis when there are several
         self._graph = graphdef, treedef
         self._forward_jit = jax.jit(
-            self.layout.program(functools.partial(_forward, graphdef, treedef)), donate_argnums=(1,)
+            self.layout.program(functools.partial(forward, graphdef, treedef)), donate_argnums=(1,)
         )
         self._prompt_jit = jax.jit(
-            self.layout.program(functools.partial(_prompt_logprobs, graphdef, treedef), readable=True)
+            self.layout.program(functools.partial(prompt_logprobs, graphdef, treedef), readable=True)
         )
         self._forward_programs: dict[int, jax.stages.Compiled] = {}
         self._prompt_programs: dict[int, jax.stages.Compiled] = {}
@@ -301,7 +236,7 @@ class ModelRunner:
         hidden = self.layout.abstract((r_max, self.config.hidden_size), self.kv_dtype)
         history = self._history_len if variant.use_penalties else None
         smd = self.layout.abstract_like(sampling.build_sampling_metadata([], num_rows, history))
-        fn = functools.partial(_sample, *self._graph, num_rows=num_rows, variant=variant)
+        fn = functools.partial(sample, *self._graph, num_rows=num_rows, variant=variant)
         with self.layout.tracing():
             return jax.jit(self.layout.program(fn, readable=True)).lower(self._leaves, hidden, smd)
 
@@ -401,7 +336,8 @@ class ModelRunner:
         """Launches the step's programs without waiting for them (jax dispatch is asynchronous)."""
         # The programs' device time shows on the trace's device rows, and on the host inside `wait`.
         # The step's shape rides on the range: traces show bucket padding and the decode/prefill mix.
-        with phase("device_execute", tokens=sum(x.num_tokens), t_pad=x.t_pad, rows=sum(x.num_rows), r_pad=x.r_pad):
+        shape = dict(tokens=sum(x.num_tokens), t_pad=x.t_pad, rows=sum(x.num_rows), r_pad=x.r_pad)
+        with phase("device_execute", **shape):
             input_ids, prev_index, md, logits_indices, smd, targets = self.layout.put(x.arrays)
             forward = self._forward_programs[x.t_pad]
             hidden_last, hidden, self._kv_caches = forward(

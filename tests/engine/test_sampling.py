@@ -360,7 +360,7 @@ def test_logit_bias_rides_on_the_penalty_path():
 
 
 def test_sampler_row_buckets_are_coarse_on_accelerators_only():
-    from engine.runner import sample_buckets
+    from engine.step_programs import sample_buckets
 
     every = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     assert sample_buckets(every, "gpu") == (16, 64, 256)
