@@ -121,7 +121,8 @@ def test_plan_keeps_padding_out_of_a_lone_decode():
     step = _step(rng, engine, [(context, 1)], num_tokens=16, num_rows=4, max_pages=32)
     token_seq = np.asarray(step.md.token_seq).copy()
     (decode,) = step.token_index[0]
-    token_seq[np.setdiff1d(np.arange(16), [decode])] = 3  # an empty row
+    empty = np.flatnonzero(np.asarray(step.md.seq_lens) == 0)[0]  # rows are placed at random
+    token_seq[np.setdiff1d(np.arange(16), [decode])] = empty
     md = AttentionMetadata(step.md.positions, step.md.slot_mapping, jnp.asarray(token_seq),
                            step.md.page_table, step.md.seq_lens)
     plan = build_plan(md, block_tokens=4, sliding_window=None)
