@@ -303,13 +303,9 @@ def _capture_profile(url: str, client: subprocess.Popen, seconds: float, trace_o
     try:
         r = httpx.post(f"{url}/admin/profile", json={"seconds": seconds}, timeout=seconds + 300)
         r.raise_for_status()
-        path = r.json().get("perfetto_trace")
-        summary = trace_summary.summarize(trace_summary.load(path))
-        trace_summary.print_summary(f"tgx serve engine during the top concurrency ({seconds:g} s)", summary)
-        if trace_out is not None:
-            trace_out.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, trace_out / "serving.perfetto_trace.json.gz")
-        return summary
+        copy_to = trace_out / "serving.perfetto_trace.json.gz" if trace_out is not None else None
+        title = f"tgx serve engine during the top concurrency ({seconds:g} s)"
+        return trace_summary.report(r.json().get("perfetto_trace"), title, copy_to)
     except Exception as e:  # noqa: BLE001 - the measurement goes on without its trace
         say(f"serving: profile capture failed: {e!r}")
         return None

@@ -9,7 +9,6 @@ engine for the record (the traced steps run slower than untraced ones) or leave 
 
 from __future__ import annotations
 
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -27,12 +26,8 @@ def _trace(engine, label: str, steps: int, base: Path, trace_out: Path | None) -
     for _ in range(steps):
         engine.step()
     result = prof.stop()
-    summary = trace_summary.summarize(trace_summary.load(result.perfetto_trace))
-    trace_summary.print_summary(label, summary)
-    if trace_out is not None:
-        trace_out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(result.perfetto_trace, trace_out / f"{label}.perfetto_trace.json.gz")
-    return summary
+    copy_to = trace_out / f"{label}.perfetto_trace.json.gz" if trace_out is not None else None
+    return trace_summary.report(result.perfetto_trace, label, copy_to)
 
 
 def _settle(engine, steps: int) -> None:

@@ -18,7 +18,9 @@ import gzip
 import json
 import os
 import re
+import shutil
 import sys
+from pathlib import Path
 
 GAP_US = 5.0  # a device idle stretch shorter than this is a launch's ordinary tail, not a gap
 _DIGITS = re.compile(r"[._]\d+$")
@@ -221,6 +223,16 @@ def print_summary(title: str, s: dict) -> None:
         "host phases, ms/step: " + ", ".join(f"{k} {v:.3f}" for k, v in s["host_phases_ms_per_step"].items())
     )
     sys.stdout.flush()
+
+
+def report(path: str, title: str, copy_to: Path | None = None) -> dict:
+    """Summarises and prints the trace at `path`; with copy_to, keeps the trace there as well."""
+    summary = summarize(load(path))
+    print_summary(title, summary)
+    if copy_to is not None:
+        copy_to.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, copy_to)
+    return summary
 
 
 def main() -> int:

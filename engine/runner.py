@@ -6,13 +6,14 @@ per-step conversion of a Schedule into fixed-shape arrays (a page table and slot
 group) and of the sampled result back into numpy. Must not: decide what runs (the scheduler
 does), know request lifecycles, or detokenize.
 
-Two programs make a step (their bodies are engine.step_programs). `forward` runs the model over the step's flat, padded token stream
-(prefill chunks and decodes mixed) and gathers the hidden state at each request's last token into a
-[max_batch_size, D] buffer; it compiles once per token bucket. `sample` computes logits for those
-rows and samples; it compiles once per request bucket and sampling variant. Splitting them keeps
-the compile count at |token buckets| + |request buckets| x variants instead of their product.
-Every program is compiled ahead of time at warmup; serving looks them up by shape and never traces,
-so a shape that slipped past warmup fails loudly instead of compiling on the hot path.
+Two programs make a step (their bodies are in engine.step_programs). `forward` runs the model over
+the step's flat, padded token stream (prefill chunks and decodes mixed) and gathers the hidden state
+at each request's last token into a [max_batch_size, D] buffer; it compiles once per token bucket.
+`sample` computes logits for those rows and samples; it compiles once per request bucket and
+sampling variant. Splitting them keeps the compile count at |token buckets| + |request buckets| x
+variants instead of their product. Every program is compiled ahead of time at warmup; serving looks
+them up by shape and never traces, so a shape that slipped past warmup fails loudly instead of
+compiling on the hot path.
 
 On a mesh (engine.sharding.step_layout) the same programs run tensor-parallel, and with several
 data-parallel replicas each takes one Schedule per replica, padded to common buckets and stacked on
@@ -336,7 +337,7 @@ class ModelRunner:
         """Launches the step's programs without waiting for them (jax dispatch is asynchronous)."""
         # The programs' device time shows on the trace's device rows, and on the host inside `wait`.
         # The step's shape rides on the range: traces show bucket padding and the decode/prefill mix.
-        shape = dict(tokens=sum(x.num_tokens), t_pad=x.t_pad, rows=sum(x.num_rows), r_pad=x.r_pad)
+        shape = {"tokens": sum(x.num_tokens), "t_pad": x.t_pad, "rows": sum(x.num_rows), "r_pad": x.r_pad}
         with phase("device_execute", **shape):
             input_ids, prev_index, md, logits_indices, smd, targets = self.layout.put(x.arrays)
             forward = self._forward_programs[x.t_pad]

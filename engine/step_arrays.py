@@ -61,6 +61,7 @@ def build_step_arrays(
 
     page_table = np.zeros((num_groups, r_max, max_pages), np.int32)
     slot_mapping = np.zeros((num_groups, t_pad), np.int32)
+    pos = positions[:n]  # [N]
     for g in range(num_groups):
         # Entries of pages released from a sliding window are 0: the trash page, masked.
         group_pages = [c.request.pages[g] for c in chunks]
@@ -68,7 +69,6 @@ def build_step_arrays(
         flat = np.fromiter(itertools.chain.from_iterable(group_pages), np.int32, int(counts.sum()))
         cols = np.arange(flat.size) - np.repeat(np.cumsum(counts) - counts, counts)
         page_table[g, np.repeat(np.arange(n_rows), counts), cols] = flat
-        pos = positions[:n]
         assert page_table[g, np.arange(n_rows), starts // page_size].all(), "a step would write into a released page"
         slot_mapping[g, :n] = page_table[g, rows, pos // page_size] * page_size + pos % page_size
 
