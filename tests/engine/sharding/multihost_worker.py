@@ -30,7 +30,7 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--dp", type=int, default=1)
     p.add_argument("--tp", type=int, default=8)
-    p.add_argument("--heartbeat", type=int, default=3)
+    p.add_argument("--heartbeat", type=int, default=10)
     p.add_argument("--step-timeout", type=float, default=4.0)
     args = p.parse_args()
     os.environ["TGX_WORKER_ID"] = str(args.process_id)

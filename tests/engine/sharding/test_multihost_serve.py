@@ -79,7 +79,7 @@ class Cluster:
             cmd = [sys.executable, "-m", "engine.cli", "serve", "--model-id", str(model_dir), *ENGINE_FLAGS,
                    "--num-shard", "4", "--data-parallel-size", "2",
                    "--coordinator-address", f"127.0.0.1:{coordinator}", "--num-processes", "2",
-                   "--process-id", str(pid), "--distributed-heartbeat-timeout", "3", "--step-timeout", "20",
+                   "--process-id", str(pid), "--distributed-heartbeat-timeout", "10", "--step-timeout", "20",
                    "--hostname", "127.0.0.1", "--port", str(port if pid == 0 else _free_port()),
                    "--compilation-cache-dir", str(JAX_CACHE)]
             with open(self.logs[pid], "w") as log:
