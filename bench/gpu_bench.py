@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-profile-seconds", type=float, default=0.0,
                    help="serving: capture this long an engine trace (POST /admin/profile) at the top concurrency")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lone-decode-bucket", choices=("auto", "on", "off"), default="auto",
+                   help="the engine's 1-token bucket for a request decoding alone (auto: on GPUs)")
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--worker", choices=("engine", "hf", "startup"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)

@@ -47,14 +47,23 @@ def _setup_jax(args) -> None:
 def _engine(args):
     from engine.engine_factory import create_engine
 
-    return create_engine(engine_config(args), progress=ProgressLine(), random_weights=True)
+    import dataclasses
+
+    cfg = engine_config(args)
+    if args.lone_decode_bucket != "auto":  # A/B of the 1-token bucket on one machine
+        cfg = dataclasses.replace(cfg, lone_decode_bucket=args.lone_decode_bucket == "on")
+    return create_engine(cfg, progress=ProgressLine(), random_weights=True)
 
 
-def _program_shape(engine) -> dict:
+def _program_shape(engine, save_dir: Path | None = None) -> dict:
     """The smallest token bucket's forward program as XLA built it: its top-level op count. (XLA's
-    command buffers, CUDA graphs, are formed after this HLO: traces show them as cuGraphLaunch.)"""
+    command buffers, CUDA graphs, are formed after this HLO: traces show them as cuGraphLaunch.)
+    With save_dir, its optimized HLO is written there, to name the fusions a trace shows."""
     bucket = min(engine.runner.limits.token_buckets)
     text = engine.runner.forward_program(bucket).as_text() or ""
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / f"forward_t{bucket}.hlo.txt").write_text(text)
     entry = text[text.rfind("ENTRY"):]
     return {
         "token_bucket": bucket,
@@ -195,7 +204,7 @@ def engine_worker(args) -> dict:
         "weight_bytes": total,
         "weight_bytes_read_per_step": per_step,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "decode_program": _program_shape(engine),
+        "decode_program": _program_shape(engine, args.trace_out),
     }
     if "single" in args.parts:
         copy_bytes = args.copy_mib << 20 if device.platform != "cpu" else min(args.copy_mib, 256) << 20

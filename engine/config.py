@@ -67,6 +67,8 @@ class EngineConfig:
     # Prepare and launch step n+1 while step n runs (engine.llm_engine); off: one step at a time.
     async_scheduling: bool = True
     min_token_bucket: int = 16
+    # A 1-token bucket for steps that decode one request alone; None: on GPUs only (llm_engine says why).
+    lone_decode_bucket: bool | None = None
     compilation_cache_dir: str | None = None
     # auto | reference | pallas (engine.pallas_kernels.dispatch checks the name at start-up).
     attention_backend: str = "auto"
@@ -171,12 +173,14 @@ def resolve_limits(
     kv_groups: Sequence[KVGroupSpec],
     free_memory_bytes: int,
     is_accelerator: bool,
+    lone_decode_bucket: bool = False,
 ) -> Limits:
     """Fills the auto values and checks the combination, raising ValueError on a layout that can't work.
 
     free_memory_bytes is what the KV cache may take: memory_fraction of the device (or of host RAM on
     CPU) minus the weights, already net of an activation reserve. kv_groups: the model's KV cache
-    groups in order; --max-batch-total-tokens sizes the full-attention one.
+    groups in order; --max-batch-total-tokens sizes the full-attention one. lone_decode_bucket adds a
+    1-token bucket below the powers of two, for steps that decode one request alone (see the caller).
     """
     if not kv_groups:
         raise ValueError("the model has no KV cache groups")
@@ -235,6 +239,8 @@ def resolve_limits(
         kv_groups_limits.append(KVGroupLimits(g.window, n + 1, page_size * g.bytes_per_token))
     max_step_tokens = prefill + cfg.max_batch_size  # every running request also decodes each step
     tokens = _powers_of_two(min(cfg.min_token_bucket, max_step_tokens), max_step_tokens)
+    if lone_decode_bucket and tokens[0] > 1:
+        tokens = (1, *tokens)
     requests = _powers_of_two(1, cfg.max_batch_size)
     return Limits(
         max_batch_size=cfg.max_batch_size,

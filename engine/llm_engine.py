@@ -128,6 +128,11 @@ class LLMEngine:
             kv_groups=_kv_group_specs(mc, jax.numpy.dtype(loaded.dtype).itemsize, tp),
             free_memory_bytes=budget,
             is_accelerator=is_accel,
+            # XLA's GPU emitters read a weight matrix faster for one row than for the 16 of the next
+            # bucket (a one-stream decode step on an H100: 6.36 vs 6.68 ms, bench/RESULTS.md). TPU
+            # pads rows to its tiles anyway and CPU tests pay per compiled program: GPU only.
+            lone_decode_bucket=(jax.default_backend() == "gpu" if cfg.lone_decode_bucket is None
+                                else cfg.lone_decode_bucket),
         )
         if loaded.layout is not None:
             report = layout_report(loaded.layout, kv_dtype=loaded.dtype, memory_fraction=cfg.memory_fraction)

@@ -72,9 +72,14 @@ def test_batch_invariance_and_chunked_prefill(engine, make_engine):
         len(t) if t and t[-1] in engine.loaded.eos_token_ids else sp.max_new_tokens
         for t, sp in zip(together, params)
     ]
-    chunked_engine = make_engine(max_batch_prefill_tokens=32)
+    # Chunked, and with the 1-token bucket GPUs get: the tail of the run and a request run alone
+    # decode one request at a time in it.
+    chunked_engine = make_engine(max_batch_prefill_tokens=32, lone_decode_bucket=True)
+    assert chunked_engine.limits.token_buckets == (1, 16, 32, 64)
     chunked = run_all(chunked_engine, prompts, params)
     assert chunked == together
+    longest = max(range(len(params)), key=lambda i: params[i].max_new_tokens)
+    assert run_all(chunked_engine, [prompts[longest]], [params[longest]])[0] == together[longest]
     assert chunked_engine.kv_groups.is_full_free() and engine.kv_groups.is_full_free()
 
 

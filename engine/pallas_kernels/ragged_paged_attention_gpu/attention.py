@@ -91,7 +91,10 @@ def ragged_paged_attention_gpu(
         qg = q.astype(kv_cache.dtype).reshape(t, kh, sh.group, h)  # [T, K, G, H]
         kv_flat = kv_cache.reshape(2, p * s, kh, h)  # [2, P*S, K, H]
         pre = dataclasses.replace(pre, rows=rows)
-        out = kernel.prefill_attention(plan, md.page_table, qg, kv_flat, cfg=pre, sh=sh, interpret=interpret)
+        if plan.blocks.shape[1]:
+            out = kernel.prefill_attention(plan, md.page_table, qg, kv_flat, cfg=pre, sh=sh, interpret=interpret)
+        else:  # a bucket too small for a block (one token): the decode kernel does all the work
+            out = jnp.zeros(qg.shape, qg.dtype)
         m, l, acc = kernel.decode_attention(plan, md.page_table, qg, kv_flat, cfg=sizes.decode, sh=sh,
                                             interpret=interpret)
         dec = kernel.combine(m, l, acc).astype(out.dtype)  # [ND, K, G, H]

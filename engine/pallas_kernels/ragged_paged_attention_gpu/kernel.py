@@ -221,6 +221,7 @@ def prefill_attention(plan, page_table, q, kv_flat, *, cfg: PrefillBlocks, sh: S
 def decode_attention(plan, page_table, q, kv_flat, *, cfg: DecodeBlocks, sh: Shapes, interpret: bool):
     """-> partials m, l [ND, splits, K, G] and acc [ND, splits, K, G, H], float32 (see combine)."""
     nd = plan.decodes.shape[1]
+    cfg = cfg.for_items(nd, sh.num_kv_heads)
     rows = max(16, sh.group_pow2)
     programs = min(nd, -(-cfg.programs // (sh.num_kv_heads * cfg.num_splits)))
     kernel = functools.partial(_decode_kernel, cfg=cfg, rows=rows, sh=sh, programs=programs)

@@ -40,8 +40,9 @@ class Plan:
 def capacities(num_tokens: int, num_rows: int, block_tokens: int) -> tuple[int, int]:
     """Static lengths (NB, ND) of the block and decode lists for a bucket."""
     runs = min(num_tokens, num_rows + 2)
-    # Each run adds at most one partial block beyond T / block_tokens; a block's run has >= 2 tokens.
-    return max(1, min(num_tokens // 2, -(-num_tokens // block_tokens) + runs)), runs
+    # Each run adds at most one partial block beyond T / block_tokens; a block's run has >= 2 tokens,
+    # so a 1-token bucket has no block at all (the caller launches no prefill kernel).
+    return min(num_tokens // 2, -(-num_tokens // block_tokens) + runs), runs
 
 
 def key_bounds(md: AttentionMetadata, sliding_window: int | None) -> tuple[jax.Array, jax.Array]:

@@ -32,6 +32,22 @@ class DecodeBlocks:
     num_stages: int
     programs: int = 2048  # most programs launched (all kv heads and splits); beyond, each loops
     prefetch_pages: bool = True
+    # A bucket whose decode items x kv heads is below `fill` cannot occupy the device with
+    # num_splits programs each: a lone decode's few long loops are latency bound (an H100, one
+    # stream, context <= 512: 12 us per layer in one split). Such buckets split up to max_splits
+    # ways and down to one block per split. 0 keeps the tuned splits everywhere.
+    fill: int = 256
+    max_splits: int = 16
+
+    def for_items(self, items: int, num_kv_heads: int) -> DecodeBlocks:
+        """The sizes of a bucket with room for `items` decode tokens (a static capacity)."""
+        busy = items * num_kv_heads
+        if busy >= self.fill:
+            return self
+        splits = self.num_splits
+        while splits < self.max_splits and busy * splits < self.fill:
+            splits *= 2
+        return dataclasses.replace(self, num_splits=splits, min_split_blocks=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +56,8 @@ class BlockSizes:
     decode: DecodeBlocks
 
     def __post_init__(self) -> None:
-        sizes = (self.prefill.rows, self.prefill.block_kv, self.decode.block_kv, self.decode.num_splits)
+        sizes = (self.prefill.rows, self.prefill.block_kv, self.decode.block_kv, self.decode.num_splits,
+                 self.decode.max_splits)
         if any(s < 1 or s & (s - 1) for s in sizes) or min(self.prefill.rows, self.prefill.block_kv,
                                                              self.decode.block_kv) < 16:
             raise ValueError(f"block sizes must be powers of two, rows and block_kv >= 16: {self}")
@@ -63,7 +80,8 @@ DEFAULT_GPU_WIDE = BlockSizes(
 # programs that loop over several blocks or items.
 INTERPRET = BlockSizes(
     prefill=PrefillBlocks(rows=16, block_kv=16, num_warps=4, num_stages=1, programs=4),
-    decode=DecodeBlocks(block_kv=16, num_splits=4, min_split_blocks=2, num_warps=4, num_stages=1, programs=16),
+    decode=DecodeBlocks(block_kv=16, num_splits=4, min_split_blocks=2, num_warps=4, num_stages=1, programs=16,
+                        fill=0),
 )
 
 # (device kind prefix, head dim, KV dtype) -> sizes. Device kinds as jax reports them. Measured with

@@ -25,7 +25,7 @@ from engine.pallas_kernels.ragged_paged_attention import (
 )
 from engine.pallas_kernels.ragged_paged_attention_gpu import ragged_paged_attention_gpu
 from engine.pallas_kernels.ragged_paged_attention_gpu.plan import build_plan
-from engine.pallas_kernels.ragged_paged_attention_gpu.tuned_block_sizes import INTERPRET
+from engine.pallas_kernels.ragged_paged_attention_gpu.tuned_block_sizes import INTERPRET, DecodeBlocks
 from tests.engine.models.paged import Step, TinyPagedEngine
 
 NUM_PAGES = 200
@@ -131,6 +131,39 @@ def test_plan_keeps_padding_out_of_a_lone_decode():
     assert np.asarray(plan.decodes)[3, 0] == context + 1  # it sees its whole context and itself
 
 
+# The interpreter's sizes with the occupancy rule on: a bucket of a few decode items splits wider.
+FILL = dataclasses.replace(INTERPRET, decode=dataclasses.replace(INTERPRET.decode, fill=64, max_splits=16))
+
+
+@pytest.mark.parametrize("window,cap", [(None, None), (40, 10.0)])
+def test_lone_decode_bucket_matches_oracle(window, cap):
+    """A 1-token bucket (one request decoding alone): no prefill block, so no prefill kernel, and a
+    decode split wider than the tuned splits, down to one KV block per split."""
+    rng = np.random.default_rng()
+    page_size, h, k_heads, group = 4, 16, 2, 2
+    engine = TinyPagedEngine(num_pages=NUM_PAGES, page_size=page_size, seed=int(rng.integers(1 << 31)))
+    step = _step(rng, engine, [(int(rng.integers(20, 300)), 1)], num_tokens=1, num_rows=4,
+                 max_pages=-(-320 // page_size))
+    plan = build_plan(step.md, block_tokens=4, sliding_window=window)
+    assert plan.blocks.shape[1] == 0 and tuple(np.asarray(plan.counts)) == (0, 1)
+    q, k, v, cache = _inputs(rng, 1, k_heads * group, k_heads, h, page_size, jnp.float32)
+    out, new_cache = _jitted(ragged_paged_attention_gpu, h**-0.5, window, cap, interpret=True,
+                             block_sizes=FILL)(q, k, v, cache, step.md)
+    want, want_cache = _jitted(naive_ragged_paged_attention, h**-0.5, window, cap)(q, k, v, cache, step.md)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(np.asarray(new_cache), np.asarray(want_cache))
+
+
+def test_decode_splits_follow_occupancy():
+    tuned = DecodeBlocks(block_kv=64, num_splits=4, min_split_blocks=8, num_warps=4, num_stages=3)
+    assert tuned.for_items(64, 8) == tuned  # B=64 x 8 kv heads fill the device: tuned sizes
+    lone = tuned.for_items(1, 8)  # one decode: split 16 ways, a block each at least
+    assert (lone.num_splits, lone.min_split_blocks) == (16, 1)
+    assert (tuned.for_items(16, 8).num_splits, tuned.for_items(4, 8).num_splits) == (4, 8)
+    off = dataclasses.replace(tuned, fill=0)
+    assert off.for_items(1, 1) == off
+
+
 def test_unsupported_head_dim_falls_back_to_reference():
     rng = np.random.default_rng()
     engine = TinyPagedEngine(num_pages=NUM_PAGES, page_size=4, seed=int(rng.integers(1 << 31)))
@@ -184,3 +217,19 @@ def test_compiled_kernel_matches_reference_on_gpu(dtype, window, cap):
     assert err < (1e-4 if dtype == jnp.float32 else 1e-2), err
     # Page 0 is excluded: padding tokens race for its slots (duplicate scatter indices on a GPU).
     np.testing.assert_array_equal(np.asarray(new_cache[:, 1:], np.float32), np.asarray(want_cache[:, 1:], np.float32))
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("window", [None, 700])
+def test_compiled_lone_decode_matches_reference_on_gpu(window):
+    """The 1-token bucket at Llama-8B attention shapes: the tuned sizes widen to 16 splits."""
+    rng = np.random.default_rng()
+    page_size, h, num_pages = 16, 128, 400
+    engine = TinyPagedEngine(num_pages=num_pages, page_size=page_size, seed=int(rng.integers(1 << 31)))
+    step = _step(rng, engine, [(int(rng.integers(1, 3000)), 1)], num_tokens=1, num_rows=8, max_pages=256)
+    q, k, v, cache = _inputs(rng, 1, 32, 8, h, page_size, jnp.bfloat16, num_pages)
+    out, new_cache = _jitted(ragged_paged_attention_gpu, h**-0.5, window, None)(q, k, v, cache, step.md)
+    want, want_cache = _jitted(ragged_paged_attention, h**-0.5, window, None)(q, k, v, cache, step.md)
+    assert _rel_err(np.asarray(out, np.float32), np.asarray(want, np.float32)) < 1e-2
+    np.testing.assert_array_equal(np.asarray(new_cache, np.float32), np.asarray(want_cache, np.float32))
