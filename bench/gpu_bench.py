@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lone-decode-bucket", choices=("auto", "on", "off"), default="auto",
                    help="the engine's 1-token bucket for a request decoding alone (auto: on GPUs)")
+    p.add_argument("--fuse-projections", choices=("auto", "on", "off"), default="auto",
+                   help="q/k/v and gate/up as one matrix each (auto: on one GPU)")
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--worker", choices=("engine", "hf", "startup"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)

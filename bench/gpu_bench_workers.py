@@ -52,6 +52,8 @@ def _engine(args):
     cfg = engine_config(args)
     if args.lone_decode_bucket != "auto":  # A/B of the 1-token bucket on one machine
         cfg = dataclasses.replace(cfg, lone_decode_bucket=args.lone_decode_bucket == "on")
+    if args.fuse_projections != "auto":
+        cfg = dataclasses.replace(cfg, fuse_projections=args.fuse_projections == "on")
     return create_engine(cfg, progress=ProgressLine(), random_weights=True)
 
 

@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.cli import ProgressLine, add_engine_flags, engine_config, use_compilation_cache  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.models.loader import random_model  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -89,8 +88,7 @@ def main() -> None:
     t0 = time.perf_counter()
     cfg = engine_config(args)
     use_compilation_cache(cfg.compilation_cache_dir)
-    loaded = random_model(cfg.model_id, dtype=cfg.dtype) if args.random_weights else None
-    engine = LLMEngine(cfg, loaded=loaded, progress=ProgressLine())
+    engine = LLMEngine(cfg, random_weights=args.random_weights, progress=ProgressLine())
     startup = time.perf_counter() - t0
     mesh = engine.mesh
     result = {

@@ -180,13 +180,9 @@ def create_engine(cfg: EngineConfig, progress=None, *, random_weights: bool = Fa
     if route.path == FLAX:
         from engine.llm_engine import LLMEngine
 
-        loaded = None
         if random_weights:
-            from engine.models.loader import random_model
-
             log.warning("--random-weights: %s gets RANDOM weights (benchmarking only)", source.display_name)
-            loaded = random_model(cfg.model_id, dtype=cfg.dtype)
-        return LLMEngine(cfg, loaded=loaded, progress=progress)
+        return LLMEngine(cfg, random_weights=random_weights, progress=progress)
     if random_weights:
         raise UnservableModelError(f"--random-weights needs a model with a Flax port; {route.reason}")
     from torch_fallback.engine import TorchEngine

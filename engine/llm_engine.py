@@ -24,7 +24,6 @@ import tempfile
 from collections.abc import Callable, Sequence
 
 import jax
-from jax.sharding import Mesh
 
 from engine.api import EngineInfo, GeneratedToken, RequestOutput, TokenLogprob
 from engine.config import EngineConfig, KVGroupSpec, Limits, resolve_limits
@@ -32,7 +31,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheGroup, KVCacheGroups, PageAllocator
 from engine.models.base import set_attention_fn
 from engine.models.config import ModelConfig
-from engine.models.loader import LoadedModel, load_model
+from engine.models.loader import LoadedModel
 from engine.pallas_kernels.dispatch import attention_fn_for
 from engine.profiling import phase
 from engine.request import FinishReason, Request
@@ -42,8 +41,9 @@ from engine.scheduler import RequestUpdate, Schedule, Scheduler, SchedulerConfig
 from engine.sharding import distributed
 from engine.sharding.attention import shard_attention
 from engine.sharding.config import LayoutError
-from engine.sharding.load import check_fits, layout_report, shard_model
-from engine.sharding.mesh import data_parallel, make_mesh, tensor_parallel
+from engine.served_model import mesh_for, served_model
+from engine.sharding.load import check_fits, layout_report
+from engine.sharding.mesh import data_parallel, tensor_parallel
 
 log = logging.getLogger(__name__)
 _STOP = b"stop"  # the leader's last plan: followers exit cleanly
@@ -70,20 +70,6 @@ def _kv_memory_budget(cfg: EngineConfig) -> tuple[int, bool]:
     return int(available * cfg.memory_fraction) // 2, False
 
 
-def _mesh_for(cfg: EngineConfig) -> Mesh | None:
-    """The (data, model) mesh the flags ask for; None for a single device (the unsharded fast path).
-
-    On CPU --num-shard defaults to 1: simulated CPU devices share the host's cores and memory, so
-    splitting a model over them only adds collectives. Accelerators default to every device, as TGI.
-    """
-    sc = cfg.sharding
-    devices = jax.devices()
-    if sc.tensor_parallel is None and devices[0].platform == "cpu":
-        sc = dataclasses.replace(sc, tensor_parallel=1)
-    mesh = make_mesh(sc, devices)
-    return None if mesh.devices.size == 1 else mesh
-
-
 def _kv_group_specs(mc: ModelConfig, itemsize: int, tensor_parallel: int = 1) -> list[KVGroupSpec]:
     """Per KV cache group of the model: its window and the K/V bytes of one token over its layers,
     on one device (each of `tensor_parallel` shards holds its share of the kv heads)."""
@@ -105,18 +91,13 @@ class _Launched:
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, *, loaded: LoadedModel | None = None, progress: Progress | None = None):
+    def __init__(self, cfg: EngineConfig, *, loaded: LoadedModel | None = None, random_weights: bool = False,
+                 progress: Progress | None = None):
+        """loaded: a model to serve as it is (tests); random_weights: benchmarks only (engine.served_model)."""
         self.cfg = cfg
-        self.mesh = _mesh_for(cfg)
+        self.mesh = mesh_for(cfg)
         self.process = distributed.ProcessInfo(jax.process_index(), jax.process_count())
-        if loaded is None:
-            # The served length picks static rope variants (Phi-3 longrope short/long factors).
-            loaded = load_model(cfg.model_id, revision=cfg.revision, dtype=cfg.dtype, progress=progress,
-                                max_model_len=cfg.max_total_tokens, mesh=self.mesh,
-                                memory_fraction=cfg.memory_fraction)
-        elif self.mesh is not None and loaded.layout is None:  # built whole (random weights, tests)
-            layout = shard_model(loaded.model, self.mesh)
-            loaded = dataclasses.replace(loaded, model=layout.model, config=layout.config, layout=layout)
+        loaded = served_model(cfg, self.mesh, loaded=loaded, random_weights=random_weights, progress=progress)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         mc = loaded.config

@@ -62,6 +62,7 @@ def load_model(
     max_model_len: int | None = None,
     mesh: Any = None,
     memory_fraction: float = 0.9,
+    fuse_projections: bool = False,
 ) -> LoadedModel:
     """Loads `model_id` (None: the embedded default) with weights in `dtype`; raises ModelLoadError.
 
@@ -71,6 +72,8 @@ def load_model(
     tensor goes straight from the file onto its shards, so no device ever holds the whole model.
     A layout the model cannot take, or weights that cannot fit in `memory_fraction` of each device,
     raise engine.sharding.config.LayoutError before any weight is read.
+    fuse_projections: run q/k/v and gate/up as one matrix each (engine.models.fuse), joined on the
+    host as they are read; ignored with a mesh.
     """
     try:
         dtype_name = parse_dtype(dtype)
@@ -111,6 +114,8 @@ def load_model(
         check_fits(layout_report(layout, kv_dtype=dtype_name, memory_fraction=memory_fraction), min_kv_tokens=0)
     tensors = _read_weights(source, gguf, config, expected, _with_logging(progress))
     if layout is None:
+        if fuse_projections:
+            model, config, tensors = _fused(config, dtype_name, tensors, np.concatenate)
         model = _fill(model, dtype_name, tensors, source)
     else:
         model, config = _fill_sharded(layout, dtype_name, tensors, source), layout.config
@@ -229,6 +234,17 @@ def _read_weights(
     return cl.assemble_all({n: planned[n] for n in expected}, read, dtypes)
 
 
+def _fused(config: ModelConfig, dtype_name: str, tensors: dict[str, Any], concat: Callable) -> tuple:
+    """(abstract fused model, its config, `tensors` fused to its names); a no-op for a fused config."""
+    from engine.models import fuse
+
+    if fuse.is_fused(config):
+        return _abstract_model(config, dtype_name), config, tensors
+    config = fuse.fused_config(config)
+    model = _abstract_model(config, dtype_name)
+    return model, config, fuse.fuse_tensors(tensors, _expected_params(model), concat)
+
+
 def _fill(model: Any, dtype_name: str, tensors: Mapping[str, np.ndarray], source: ModelSource) -> Any:
     import jax.numpy as jnp
 
@@ -268,12 +284,16 @@ def _with_logging(progress: ProgressFn | None) -> ProgressFn:
     return report
 
 
-def random_model(model_dir: str, *, dtype: Any = "bfloat16", seed: int = 0, mesh: Any = None) -> LoadedModel:
+def random_model(
+    model_dir: str, *, dtype: Any = "bfloat16", seed: int = 0, mesh: Any = None, fuse_projections: bool = False
+) -> LoadedModel:
     """A model of the HF config in `model_dir` (config.json + tokenizer files, no weights needed)
     with random weights made on the device: for benchmarks of shapes we cannot download.
 
     With a mesh the model is made whole on the default device, then split over the mesh; every
-    process of a multi-host engine makes the same weights from the same seed."""
+    process of a multi-host engine makes the same weights from the same seed.
+    fuse_projections (ignored with a mesh): the same weights, fused on the device after they are made,
+    so a seed gives the same model fused or not."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -290,6 +310,13 @@ def random_model(model_dir: str, *, dtype: Any = "bfloat16", seed: int = 0, mesh
     config = dataclasses.replace(config, eos_token_ids=eos)
     model = registry.build_model(config, dtype=jnp.dtype(dtype_name), rngs=nnx.Rngs(seed))
     logger.info("Built %s with random %s weights", source.display_name, dtype_name)
+    if mesh is None and fuse_projections:
+        from engine.models.params import named_params
+
+        tensors = {name: p.get_value() for name, p in named_params(model).items()}
+        del model  # the dict holds the only references: each layer's parts are freed as it is fused
+        model, config, tensors = _fused(config, dtype_name, tensors, jnp.concatenate)
+        model = _fill(model, dtype_name, tensors, source)
     if mesh is None:
         return LoadedModel(model, config, tokenizer, eos, source, dtype_name)
     from engine.sharding.load import shard_model

@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from engine.models.config import ModelConfig  # noqa: E402
+from engine.models.fuse import fuse_tensors, fused_config  # noqa: E402
 from engine.models.params import assign_params, named_params  # noqa: E402
 from engine.models.registry import (  # noqa: E402
     UnsupportedArchitectureError,
@@ -97,10 +98,15 @@ def _hf_model(variant: str):
     return model
 
 
-def _ours(hf_model, dtype=jnp.float32):
+def _ours(hf_model, dtype=jnp.float32, *, fuse=False):
+    """Our port with HF's weights; fuse: q/k/v and gate/up joined as the loader joins them."""
     config = config_from_hf(hf_model.config.to_dict())
-    model = build_abstract_model(config, dtype=dtype)
     tensors = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+    if fuse:
+        config = fused_config(config)
+    model = build_abstract_model(config, dtype=dtype)
+    if fuse:
+        tensors = fuse_tensors(tensors, named_params(model), np.concatenate)
     assign_params(model, tensors, dtype)
     return config, model
 
@@ -129,10 +135,31 @@ def test_matches_transformers(variant):
     config, model = _ours(hf_model)
     hf_names = set(hf_model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
     assert set(named_params(model)) == hf_names
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(1, config.vocab_size, n).tolist() for n in (11, 5, 19)]
-    hf = [_hf_greedy(hf_model, p) for p in prompts]
+    _check_parity(model, config, *_prompts_and_hf(hf_model, config))
 
+
+# Fused on one GPU (engine.served_model): biases (Qwen3 here), q/k norms after the split, sandwich norms.
+@pytest.mark.parametrize("variant", ["llama3.1", "qwen3-swa", "gemma3"])
+def test_fused_projections_match_transformers(variant):
+    hf_model = _hf_model(variant)
+    config, model = _ours(hf_model, fuse=True)
+    names = set(named_params(model))
+    assert not any(n.endswith(("q_proj.weight", "gate_proj.weight")) for n in names)
+    layer = "model.layers.1."
+    assert {layer + "self_attn.qkv_proj.weight", layer + "mlp.gate_up_proj.weight"} <= names
+    assert (layer + "self_attn.qkv_proj.bias" in names) == config.attention_bias
+    _check_parity(model, config, *_prompts_and_hf(hf_model, config))
+
+
+def _prompts_and_hf(hf_model, config, lengths=(11, 5, 19)):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, config.vocab_size, n).tolist() for n in lengths]
+    return prompts, [_hf_greedy(hf_model, p) for p in prompts]
+
+
+def _check_parity(model, config, prompts, hf):
+    """Ragged prefill of three prompts (a copy of the third in two chunks, the second riding along
+    the first decode step) and 16 greedy decode steps, against HF's logits (_hf_greedy's)."""
     step_fn = model_step_fn(model)
     engine = TinyPagedEngine(num_pages=NUM_PAGES, page_size=PAGE_SIZE, seed=1)
     caches = tuple(jnp.zeros(kv_cache_shape(NUM_PAGES, PAGE_SIZE, config.num_kv_heads, config.head_dim))

@@ -26,15 +26,11 @@ from engine.models.layers.moe import SparseMoE, route  # noqa: E402
 from engine.models.loader import ModelLoadError, load_model  # noqa: E402
 from engine.models.params import named_params  # noqa: E402
 from engine.models.registry import config_from_hf  # noqa: E402
-from engine.pallas_kernels.ragged_paged_attention.metadata import kv_cache_shape  # noqa: E402
 from tests.engine.models.checkpoints import save_tokenizer  # noqa: E402
-from tests.engine.models.paged import TinyPagedEngine, model_step_fn  # noqa: E402
 from tests.engine.models.test_llama_family import (  # noqa: E402
-    DECODE_STEPS,
-    NUM_PAGES,
-    PAGE_SIZE,
+    _check_parity,
     _hf_greedy,
-    _rel,
+    _prompts_and_hf,
 )
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -134,31 +130,30 @@ def test_matches_transformers_from_disk(name, ckpt_root):
         used = {int(e) for per_prompt in routing for experts in per_prompt for e in experts.ravel()}
         assert used == set(range(config.num_experts))
 
-    step_fn = model_step_fn(model)
-    engine = TinyPagedEngine(num_pages=NUM_PAGES, page_size=PAGE_SIZE, seed=1)
-    caches = tuple(jnp.zeros(kv_cache_shape(NUM_PAGES, PAGE_SIZE, config.num_kv_heads, config.head_dim))
-                   for _ in range(config.num_layers))
-    shape = dict(num_tokens=48, num_rows=6, max_pages=12)  # one bucket for every step: one compile
+    _check_parity(model, config, prompts, hf)
 
-    split = 8  # prompt 2 also goes in as two chunks, the second riding along the first decode step
-    step = engine.step([*enumerate(prompts), ("chunked", prompts[2][:split])], **shape)
-    logits, caches = step_fn(step.input_ids, caches, step.md)
-    logits = np.asarray(logits)
-    for i, (prefill, _, _) in enumerate(hf):
-        assert _rel(logits[step.token_index[i]], prefill) < 1e-4, f"prefill of prompt {i}"
-    first_chunk = logits[step.token_index[3]]
-    for d in range(DECODE_STEPS):
-        chunks = [(i, [tokens[d]]) for i, (_, tokens, _) in enumerate(hf)]
-        if d == 0:
-            chunks.append(("chunked", prompts[2][split:]))
-        step = engine.step(chunks, **shape)
-        logits, caches = step_fn(step.input_ids, caches, step.md)
-        logits = np.asarray(logits)
-        for i, (_, _, step_logits) in enumerate(hf):
-            assert _rel(logits[step.token_index[i]], step_logits[d + 1]) < 1e-4, f"decode {d} of {i}"
-        if d == 0:
-            chunked = np.concatenate([first_chunk, logits[step.token_index[3]]])
-            assert _rel(chunked, hf[2][0]) < 1e-4, "chunked prefill"
+
+def test_fused_projections_from_disk(ckpt_root):
+    """Qwen2-MoE fused by the loader (as on one GPU): the dense layer's gate/up and every q/k/v join
+    on the host, while the experts keep their stacks and the shared expert its own matrices."""
+    hf_model = _hf_model("qwen2-moe")
+    loaded = load_model(str(_checkpoint("qwen2-moe", ckpt_root)), dtype="float32", fuse_projections=True)
+    config, model = loaded.config, loaded.model
+    assert config.fused_qkv and config.fused_gate_up
+    params = {n: np.asarray(p.get_value()) for n, p in named_params(model).items()}
+    hf_state = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+    for i in range(config.num_layers):
+        attn = f"model.layers.{i}.self_attn."
+        for leaf in ("weight", "bias"):
+            want = np.concatenate([hf_state[f"{attn}{p}_proj.{leaf}"] for p in "qkv"])
+            np.testing.assert_array_equal(params[f"{attn}qkv_proj.{leaf}"], want)
+    dense = "model.layers.1.mlp."
+    np.testing.assert_array_equal(params[dense + "gate_up_proj.weight"],
+                                  np.concatenate([hf_state[dense + "gate_proj.weight"], hf_state[dense + "up_proj.weight"]]))
+    assert "model.layers.0.mlp.shared_expert.gate_proj.weight" in params
+    assert "model.layers.0.mlp.experts.gate_up_proj" in params
+    assert not any(n.endswith((".q_proj.weight", ".k_proj.weight", ".v_proj.weight")) for n in params)
+    _check_parity(model, config, *_prompts_and_hf(hf_model, config))
 
 
 def _moe_config(**kw) -> ModelConfig:

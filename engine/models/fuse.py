@@ -1,0 +1,63 @@
+"""Fused projections for any family: q/k/v as one `qkv_proj`, gate/up as one `gate_up_proj`.
+
+Owns: the config of the fused model, and turning a checkpoint's separate tensors (by HF name, numpy
+arrays on the host or jax arrays on a device) into fused ones with rows [q; k; v] and [gate; up],
+the layout Phi-3 checkpoints store and the shared layers already run. Must not: read files or pick
+when to fuse (the engine does), or fuse a model split over a mesh: fused rows shard by position,
+so a shard would hold another shard's heads (engine.sharding.rules) and every step would move them.
+
+Why: a decode step of one request multiplies one row by each weight matrix. XLA's GPU emitters
+merge the matmuls that share an input from 16 rows up, but at one row launch each on its own and
+re-read the input (bench/RESULTS.md, 2026-11-23); one matrix per input is one launch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from engine.models.config import ModelConfig
+
+# fused module name -> its parts, in row order (the order Phi-3 checkpoints use).
+FUSED_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    ("gate_up_proj", ("gate_proj", "up_proj")),
+)
+
+
+def fused_config(config: ModelConfig) -> ModelConfig:
+    """The config whose model runs fused projections (every dense MLP; experts keep their stacks)."""
+    return dataclasses.replace(config, fused_qkv=True, fused_gate_up=True)
+
+
+def is_fused(config: ModelConfig) -> bool:
+    return config.fused_qkv and config.fused_gate_up
+
+
+def fuse_tensors(
+    tensors: dict[str, Any],
+    expected: Iterable[str],
+    concat: Callable[[Sequence[Any]], Any],
+) -> dict[str, Any]:
+    """`tensors` (consumed) with the parts of every fused parameter in `expected` replaced by it.
+
+    expected: the fused model's parameter names. A name already present (a checkpoint stored fused)
+    is kept; one missing with its parts missing too is left missing, so the caller's check names
+    it. concat joins arrays along axis 0 (np.concatenate or jnp.concatenate). Each part leaves the
+    dict as its fused tensor is made, so a caller holding no other reference frees one layer's
+    parts at a time rather than holding the model twice.
+    """
+    by_target = dict(FUSED_PARTS)
+    for name in expected:
+        if name in tensors:
+            continue
+        module, _, leaf = name.rpartition(".")  # leaf: weight | bias
+        block, _, target = module.rpartition(".")
+        parts = by_target.get(target)
+        if parts is None:
+            continue
+        sources = [f"{block}.{p}.{leaf}" for p in parts]
+        if all(s in tensors for s in sources):
+            tensors[name] = concat([tensors.pop(s) for s in sources])  # [sum of outs, in] or [sum of outs]
+    return tensors

@@ -1,0 +1,79 @@
+"""Fused q/k/v and gate/up projections (engine.models.fuse) through the loaders and the engine.
+
+Owns: when the engine fuses (engine.served_model), the random-weight loader's fused tensors
+against its unfused ones, and a fused engine loaded from a checkpoint directory giving
+transformers' greedy tokens. Fusing follows reading, so one checkpoint format covers all (the
+safetensors MoE case is in tests/engine/models/test_moe.py). Must not: repeat the per-family parity runs (tests/engine/models
+covers fused models there).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from engine.config import EngineConfig  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.models.loader import random_model  # noqa: E402
+from engine.models.params import named_params  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+from engine.served_model import fuse_projections  # noqa: E402
+from tests.engine.conftest import run_all  # noqa: E402
+from tests.engine.test_kv_groups_engine import VOCAB, _hf_greedy, _save_model  # noqa: E402
+
+
+def _params(loaded) -> dict[str, np.ndarray]:
+    return {n: np.asarray(p.get_value()) for n, p in named_params(loaded.model).items()}
+
+
+def _assert_fused_from(fused: dict, plain: dict, num_layers: int) -> None:
+    """Every layer's fused matrices are its separate ones stacked by rows, and nothing else moved."""
+    for i in range(num_layers):
+        for block, target, parts in (("self_attn", "qkv_proj", "qkv"), ("mlp", "gate_up_proj", ("gate", "up"))):
+            prefix = f"model.layers.{i}.{block}."
+            want = np.concatenate([plain.pop(f"{prefix}{p}_proj.weight") for p in parts])
+            np.testing.assert_array_equal(fused.pop(f"{prefix}{target}.weight"), want)
+    assert fused.keys() == plain.keys()
+    for name, value in plain.items():
+        np.testing.assert_array_equal(fused[name], value, err_msg=name)
+
+
+def test_when_the_engine_fuses():
+    on_cpu = EngineConfig()
+    assert fuse_projections(on_cpu, None) is False  # auto: GPUs only
+    assert fuse_projections(EngineConfig(fuse_projections=True), None) is True
+    assert fuse_projections(EngineConfig(fuse_projections=True), mesh=object()) is False  # never split
+    assert fuse_projections(EngineConfig(fuse_projections=False), None) is False
+
+
+def test_random_weights_fuse_to_the_same_model(tmp_path):
+    _save_model(tmp_path, "qwen2")  # only its config.json and tokenizer are read
+    plain = random_model(str(tmp_path), dtype="float32", seed=3)
+    fused = random_model(str(tmp_path), dtype="float32", seed=3, fuse_projections=True)
+    assert fused.config.fused_qkv and not plain.config.fused_qkv
+    fused_params, plain_params = _params(fused), _params(plain)
+    for i in range(plain.config.num_layers):  # Qwen2: q/k/v biases join too
+        prefix = f"model.layers.{i}.self_attn."
+        want = np.concatenate([plain_params.pop(f"{prefix}{p}_proj.bias") for p in "qkv"])
+        np.testing.assert_array_equal(fused_params.pop(f"{prefix}qkv_proj.bias"), want)
+    _assert_fused_from(fused_params, plain_params, plain.config.num_layers)
+
+
+def test_fused_engine_from_a_checkpoint_matches_transformers(tmp_path):
+    """The engine as one GPU runs it (fused, with the 1-token bucket), loading the checkpoint itself."""
+    hf = _save_model(tmp_path, "qwen2")
+    engine = LLMEngine(EngineConfig(
+        model_id=str(tmp_path), dtype="float32", max_batch_size=4, max_batch_prefill_tokens=32,
+        max_total_tokens=128, page_size=4, max_top_n_tokens=0, enable_prefill_logprobs=False,
+        min_token_bucket=64, fuse_projections=True, lone_decode_bucket=True,
+    ))
+    assert engine.loaded.config.fused_qkv and engine.limits.token_buckets[0] == 1
+    assert "model.layers.0.self_attn.qkv_proj.weight" in named_params(engine.loaded.model)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(5, VOCAB, size=n).tolist() for n in (40, 7, 23)]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    together = run_all(engine, prompts, params)
+    assert together == [_hf_greedy(hf, p)[:24] for p in prompts]
+    assert run_all(engine, [prompts[1]], params)[0] == together[1]  # alone: the 1-token bucket
