@@ -19,18 +19,16 @@ import dataclasses
 import itertools
 import logging
 import math
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 
 import jax
 
 from engine.api import EngineInfo, GeneratedToken, RequestOutput, TokenLogprob
-from engine.config import EngineConfig, KVGroupSpec, Limits, resolve_limits
+from engine.config import EngineConfig, Limits
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheGroup, KVCacheGroups, PageAllocator
 from engine.models.base import set_attention_fn
-from engine.models.config import ModelConfig
 from engine.models.loader import LoadedModel
 from engine.pallas_kernels.dispatch import attention_fn_for
 from engine.profiling import phase
@@ -38,12 +36,11 @@ from engine.request import FinishReason, Request
 from engine.runner import ModelRunner, Pending, Progress, StepOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import RequestUpdate, Schedule, Scheduler, SchedulerConfig
+from engine.served_model import mesh_for, served_limits, served_model
 from engine.sharding import distributed
 from engine.sharding.attention import shard_attention
 from engine.sharding.config import LayoutError
-from engine.served_model import mesh_for, served_model
-from engine.sharding.load import check_fits, layout_report
-from engine.sharding.mesh import data_parallel, tensor_parallel
+from engine.sharding.mesh import data_parallel
 
 log = logging.getLogger(__name__)
 _STOP = b"stop"  # the leader's last plan: followers exit cleanly
@@ -55,28 +52,6 @@ class EngineStats:
     num_waiting: int
     kv_cache_usage: float  # of the most-used KV cache group: the pool that runs out first
     num_compiled_programs: int
-
-
-def _kv_memory_budget(cfg: EngineConfig) -> tuple[int, bool]:
-    """Bytes the KV cache may take on device 0 after the weights are loaded, and whether it's an accelerator."""
-    device = jax.devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        limit = stats["bytes_limit"]
-        # Keep a tenth back for activations, logits and XLA's scratch space.
-        budget = int(limit * cfg.memory_fraction) - stats.get("bytes_in_use", 0) - limit // 10
-        return max(budget, 0), True
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(available * cfg.memory_fraction) // 2, False
-
-
-def _kv_group_specs(mc: ModelConfig, itemsize: int, tensor_parallel: int = 1) -> list[KVGroupSpec]:
-    """Per KV cache group of the model: its window and the K/V bytes of one token over its layers,
-    on one device (each of `tensor_parallel` shards holds its share of the kv heads)."""
-    per_layer = 2 * (mc.num_kv_heads // tensor_parallel) * mc.head_dim * itemsize
-    windows = mc.kv_cache_windows()
-    layers = [sum(1 for i in range(mc.num_layers) if mc.kv_group_of(i) == g) for g in range(len(windows))]
-    return [KVGroupSpec(w, n * per_layer) for w, n in zip(windows, layers)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,25 +76,7 @@ class LLMEngine:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         mc = loaded.config
-        tp = 1 if self.mesh is None else tensor_parallel(self.mesh)
-        budget, is_accel = _kv_memory_budget(cfg)
-        self.limits: Limits = resolve_limits(
-            cfg,
-            max_position_embeddings=mc.max_position_embeddings,
-            kv_groups=_kv_group_specs(mc, jax.numpy.dtype(loaded.dtype).itemsize, tp),
-            free_memory_bytes=budget,
-            is_accelerator=is_accel,
-            # XLA's GPU emitters read a weight matrix faster for one row than for the 16 of the next
-            # bucket (a one-stream decode step on an H100: 6.36 vs 6.68 ms, bench/RESULTS.md). TPU
-            # pads rows to its tiles anyway and CPU tests pay per compiled program: GPU only.
-            lone_decode_bucket=(jax.default_backend() == "gpu" if cfg.lone_decode_bucket is None
-                                else cfg.lone_decode_bucket),
-        )
-        if loaded.layout is not None:
-            report = layout_report(loaded.layout, kv_dtype=loaded.dtype, memory_fraction=cfg.memory_fraction)
-            for line in str(report).splitlines():
-                log.info("layout: %s", line)
-            check_fits(report, min_kv_tokens=self.limits.max_total_tokens)
+        self.limits: Limits = served_limits(cfg, loaded, self.mesh)
         page_size = self.limits.page_size
         num_replicas = 1 if self.mesh is None else data_parallel(self.mesh)
         # One scheduler and one set of page pools per data-parallel replica: replicas share nothing.

@@ -1,23 +1,29 @@
 """The model as the engine serves it: on which mesh, and in which weight layout.
 
 Owns: the (data, model) mesh the flags ask for, getting the model onto it (loaded from its
-checkpoint, random weights for benchmarks, or a whole model handed in and split over the mesh), and
-whether q/k/v and gate/up run fused (engine.models.fuse). Must not: size the KV cache, schedule or
-run steps (engine.llm_engine and engine.runner do).
+checkpoint, random weights for benchmarks, or a whole model handed in and split over the mesh),
+whether q/k/v and gate/up run fused (engine.models.fuse), and the limits the served model's memory
+allows (KV cache budget per device, token buckets). Must not: allocate pages, schedule or run steps
+(engine.llm_engine and engine.runner do).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 
 import jax
 from jax.sharding import Mesh
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, KVGroupSpec, Limits, resolve_limits
+from engine.models.config import ModelConfig
 from engine.models.loader import LoadedModel, load_model, random_model
 from engine.runner import Progress
-from engine.sharding.load import shard_model
-from engine.sharding.mesh import make_mesh
+from engine.sharding.load import check_fits, layout_report, shard_model
+from engine.sharding.mesh import make_mesh, tensor_parallel
+
+log = logging.getLogger(__name__)
 
 
 def mesh_for(cfg: EngineConfig) -> Mesh | None:
@@ -67,3 +73,51 @@ def served_model(
         layout = shard_model(loaded.model, mesh)
         loaded = dataclasses.replace(loaded, model=layout.model, config=layout.config, layout=layout)
     return loaded
+
+
+def served_limits(cfg: EngineConfig, loaded: LoadedModel, mesh: Mesh | None) -> Limits:
+    """The engine's limits for `loaded` on `mesh`: what the flags ask for, within the KV cache that
+    fits beside the weights; raises LayoutError where a sharded model leaves no room for one request."""
+    mc = loaded.config
+    tp = 1 if mesh is None else tensor_parallel(mesh)
+    budget, is_accel = _kv_memory_budget(cfg)
+    limits = resolve_limits(
+        cfg,
+        max_position_embeddings=mc.max_position_embeddings,
+        kv_groups=_kv_group_specs(mc, jax.numpy.dtype(loaded.dtype).itemsize, tp),
+        free_memory_bytes=budget,
+        is_accelerator=is_accel,
+        # XLA's GPU emitters read a weight matrix faster for one row than for the 16 of the next
+        # bucket (a one-stream decode step on an H100: 6.36 vs 6.68 ms, bench/RESULTS.md). TPU
+        # pads rows to its tiles anyway and CPU tests pay per compiled program: GPU only.
+        lone_decode_bucket=(jax.default_backend() == "gpu" if cfg.lone_decode_bucket is None
+                            else cfg.lone_decode_bucket),
+    )
+    if loaded.layout is not None:
+        report = layout_report(loaded.layout, kv_dtype=loaded.dtype, memory_fraction=cfg.memory_fraction)
+        for line in str(report).splitlines():
+            log.info("layout: %s", line)
+        check_fits(report, min_kv_tokens=limits.max_total_tokens)
+    return limits
+
+
+def _kv_memory_budget(cfg: EngineConfig) -> tuple[int, bool]:
+    """Bytes the KV cache may take on device 0 after the weights are loaded, and whether it's an accelerator."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        limit = stats["bytes_limit"]
+        # Keep a tenth back for activations, logits and XLA's scratch space.
+        budget = int(limit * cfg.memory_fraction) - stats.get("bytes_in_use", 0) - limit // 10
+        return max(budget, 0), True
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(available * cfg.memory_fraction) // 2, False
+
+
+def _kv_group_specs(mc: ModelConfig, itemsize: int, tensor_parallel: int = 1) -> list[KVGroupSpec]:
+    """Per KV cache group of the model: its window and the K/V bytes of one token over its layers,
+    on one device (each of `tensor_parallel` shards holds its share of the kv heads)."""
+    per_layer = 2 * (mc.num_kv_heads // tensor_parallel) * mc.head_dim * itemsize
+    windows = mc.kv_cache_windows()
+    layers = [sum(1 for i in range(mc.num_layers) if mc.kv_group_of(i) == g) for g in range(len(windows))]
+    return [KVGroupSpec(w, n * per_layer) for w, n in zip(windows, layers)]
