@@ -63,11 +63,12 @@ def _random_workload(engine, n: int, seed: int):
 
 
 def test_batch_invariance_and_chunked_prefill(engine, make_engine):
-    prompts, params = _random_workload(engine, 16, seed=random.randrange(1 << 30))
+    seed = random.randrange(1 << 30)
+    prompts, params = _random_workload(engine, 16, seed=seed)
     together = run_all(engine, prompts, params)
-    alone = [run_all(engine, [p], [sp])[0] for p, sp in zip(prompts, params)]
-    for i, (t, a) in enumerate(zip(together, alone)):
-        assert t == a, f"request {i} differs in a batch"
+    # A random third of the batch, rerun one at a time: each must equal its batched self.
+    for i in random.Random(seed).sample(range(len(prompts)), 6):
+        assert run_all(engine, [prompts[i]], [params[i]])[0] == together[i], f"request {i} differs in a batch"
     assert [len(t) for t in together] == [
         len(t) if t and t[-1] in engine.loaded.eos_token_ids else sp.max_new_tokens
         for t, sp in zip(together, params)
@@ -129,7 +130,7 @@ def test_no_recompilation_after_warmup(engine):
         SamplingParams(max_new_tokens=6, temperature=0.5, frequency_penalty=1.0, top_n_tokens=2),
     ]
     run_all(engine, prompts + [prompts[0]] * len(variants), params + variants)
-    for i in range(1, 33, 7):  # single requests and odd batch sizes hit every request bucket
+    for i in (1, 3, 6, 12):  # with the 25 above, single requests and odd batch sizes hit every request bucket
         run_all(engine, prompts[:i], variants[i % len(variants)])
     run_all(engine, [[7] * 250], SamplingParams(max_new_tokens=2))  # the largest prefill bucket
     try:
@@ -142,13 +143,13 @@ def test_no_recompilation_after_warmup(engine):
 def test_no_page_leaks_with_preemption_stops_and_cancels(make_engine, engine):
     small = make_engine(max_batch_total_tokens=640, max_total_tokens=256, max_batch_prefill_tokens=64)
     prompts, _ = _random_workload(small, 14, seed=11)
-    prompts = [p[:120] for p in prompts]
-    params = [SamplingParams(max_new_tokens=60, ignore_eos=True) for _ in prompts]
+    prompts = [p[:64] for p in prompts]
+    params = [SamplingParams(max_new_tokens=40, ignore_eos=True) for _ in prompts]
     tok = small.tokenizer
     prompts[3] = tok("Once upon a time, there was")["input_ids"]
-    params[3] = SamplingParams(max_new_tokens=60, stop=("e",))
+    params[3] = SamplingParams(max_new_tokens=40, stop=("e",))
     prompts[5] = tok("The capital of France is")["input_ids"]
-    params[5] = SamplingParams(max_new_tokens=60, stop=("Paris", "London"))
+    params[5] = SamplingParams(max_new_tokens=40, stop=("Paris", "London"))
     reqs = [small.add_request(p, sp) for p, sp in zip(prompts, params)]
     tokens = {r.request_id: [] for r in reqs}
     reasons = {}
@@ -169,9 +170,10 @@ def test_no_page_leaks_with_preemption_stops_and_cancels(make_engine, engine):
     assert reasons[reqs[0].request_id] == reasons[reqs[8].request_id] == "cancelled"
     assert sum(r.num_preemptions for r in reqs) > 0, "the workload was meant to force preemption"
     # A preempted request recomputes its KV and must continue exactly as it would have alone.
-    for r, sp in zip(reqs, params):
-        if r.num_preemptions and reasons[r.request_id] == "length":
-            assert tokens[r.request_id] == run_all(engine, [r.prompt_token_ids], [sp])[0]
+    preempted = [(r, sp) for r, sp in zip(reqs, params) if r.num_preemptions and reasons[r.request_id] == "length"]
+    assert preempted
+    for r, sp in preempted[:3]:
+        assert tokens[r.request_id] == run_all(engine, [r.prompt_token_ids], [sp])[0]
     assert reasons[reqs[3].request_id] == reasons[reqs[5].request_id] == "stop_sequence"
     assert tok.decode(tokens[reqs[5].request_id]).endswith("Paris")
 
