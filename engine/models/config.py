@@ -70,6 +70,10 @@ class ModelConfig:
     # Phi-3 checkpoints store q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj`.
     fused_qkv: bool = False
     fused_gate_up: bool = False
+    # The weights of the norms before attention and before a dense MLP are folded into the columns of
+    # the projections they feed (engine.models.fuse); those norms compute only each row's 1/rms,
+    # applied to the projections' outputs. Never set by a checkpoint: the engine's one-GPU layout.
+    folded_norms: bool = False
     partial_rotary_factor: float = 1.0  # rotary covers the first head_dim * factor dims (Phi-4-mini)
     # The longest sequence served (prompt + generated); None: max_position_embeddings. LongRoPE
     # picks its factor set from it once, since cached keys cannot be re-rotated mid-request.

@@ -1,14 +1,19 @@
-"""Fused projections for any family: q/k/v as one `qkv_proj`, gate/up as one `gate_up_proj`.
+"""Fused projections for any family: q/k/v as one `qkv_proj`, gate/up as one `gate_up_proj`, and
+the weights of the norms before them folded into their columns.
 
 Owns: the config of the fused model, and turning a checkpoint's separate tensors (by HF name, numpy
 arrays on the host or jax arrays on a device) into fused ones with rows [q; k; v] and [gate; up],
-the layout Phi-3 checkpoints store and the shared layers already run. Must not: read files or pick
-when to fuse (the engine does), or fuse a model split over a mesh: fused rows shard by position,
-so a shard would hold another shard's heads (engine.sharding.rules) and every step would move them.
+the layout Phi-3 checkpoints store and the shared layers already run, with each pre-norm's weight
+(1 + weight for Gemma) multiplied into the columns of the projection it feeds. Must not: read files
+or pick when to fuse (the engine does), or fuse a model split over a mesh: fused rows shard by
+position, so a shard would hold another shard's heads (engine.sharding.rules) and every step would
+move them.
 
 Why: a decode step of one request multiplies one row by each weight matrix. XLA's GPU emitters
 merge the matmuls that share an input from 16 rows up, but at one row launch each on its own and
-re-read the input (bench/RESULTS.md, 2026-11-23); one matrix per input is one launch.
+re-read the input (bench/RESULTS.md, 2026-11-23); one matrix per input is one launch. A norm is
+two launches (the row's sum of squares, then the scaled copy the matmul reads); folded, the matmul
+reads the residual stream itself and the 1/rms joins the fusion after it (rope, SiLU x up).
 """
 
 from __future__ import annotations
@@ -27,12 +32,41 @@ FUSED_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def fused_config(config: ModelConfig) -> ModelConfig:
-    """The config whose model runs fused projections (every dense MLP; experts keep their stacks)."""
-    return dataclasses.replace(config, fused_qkv=True, fused_gate_up=True)
+    """The config whose model runs fused projections (every dense MLP; experts keep their stacks)
+    and folded pre-norms."""
+    return dataclasses.replace(config, fused_qkv=True, fused_gate_up=True, folded_norms=True)
 
 
 def is_fused(config: ModelConfig) -> bool:
-    return config.fused_qkv and config.fused_gate_up
+    return config.fused_qkv and config.fused_gate_up and config.folded_norms
+
+
+def folded_pairs(config: ModelConfig) -> list[tuple[str, str]]:
+    """(norm weight, projection weight) HF names of the fused model's folds, per layer: the norm
+    before attention into qkv_proj, the norm before a dense MLP into gate_up_proj."""
+    mlp_norm = "pre_feedforward_layernorm" if config.sandwich_norms else "post_attention_layernorm"
+    pairs = []
+    for i in range(config.num_layers):
+        block = f"model.layers.{i}"
+        pairs.append((f"{block}.input_layernorm.weight", f"{block}.self_attn.qkv_proj.weight"))
+        if not config.is_moe_layer(i):
+            pairs.append((f"{block}.{mlp_norm}.weight", f"{block}.mlp.gate_up_proj.weight"))
+    return pairs
+
+
+def fold_norms(tensors: dict[str, Any], config: ModelConfig, xp: Any) -> dict[str, Any]:
+    """`tensors` (fused names; consumed) with each folded norm's weight multiplied into its
+    projection's columns in float32 and dropped. xp: numpy or jax.numpy, the arrays' module.
+    A pair with a tensor missing is skipped, so the caller's check names what is missing."""
+    for norm, proj in folded_pairs(config):
+        if norm not in tensors or proj not in tensors:
+            continue
+        gamma = xp.asarray(tensors.pop(norm)).astype(xp.float32)  # [D]
+        if config.norm_unit_offset:
+            gamma = gamma + 1.0
+        w = tensors[proj]  # [out, D]
+        tensors[proj] = (w.astype(xp.float32) * gamma[None, :]).astype(w.dtype)
+    return tensors
 
 
 def fuse_tensors(

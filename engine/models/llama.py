@@ -34,14 +34,18 @@ class DecoderLayer(nnx.Module):
                  rngs: nnx.Rngs) -> None:
         c = config
         norm = dict(eps=c.rms_norm_eps, dtype=dtype, unit_offset=c.norm_unit_offset)
-        self.input_layernorm = RMSNorm(c.hidden_size, **norm)
+        # Folded (engine.models.fuse): the norms feeding q/k/v and a dense MLP keep only 1/rms.
+        self.fold_attn = c.folded_norms
+        self.fold_mlp = c.folded_norms and not c.is_moe_layer(layer)
+        self.input_layernorm = RMSNorm(c.hidden_size, **norm, scale_only=self.fold_attn)
         self.self_attn = Attention(c, layer, attention_fn=attention_fn, dtype=dtype, rngs=rngs)
         # Llama: the norm before the MLP. Sandwich (Gemma 2/3): the norm of the attention output,
         # with the MLP between its own pre and post norms.
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, **norm)
         self.sandwich_norms = c.sandwich_norms
+        fold_post_attn = self.fold_mlp and not c.sandwich_norms
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, **norm, scale_only=fold_post_attn)
         if c.sandwich_norms:
-            self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, **norm)
+            self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, **norm, scale_only=self.fold_mlp)
             self.post_feedforward_layernorm = RMSNorm(c.hidden_size, **norm)
         if c.is_moe_layer(layer):
             self.mlp = SparseMoE(c, dtype=dtype, rngs=rngs)
@@ -52,12 +56,20 @@ class DecoderLayer(nnx.Module):
     def __call__(
         self, x: jax.Array, rope: tuple[jax.Array, jax.Array], kv_cache: jax.Array, md: AttentionMetadata
     ) -> tuple[jax.Array, jax.Array]:  # x [T, D] -> ([T, D], new cache)
-        attn, kv_cache = self.self_attn(self.input_layernorm(x), rope, kv_cache, md)
+        if self.fold_attn:
+            attn, kv_cache = self.self_attn(x, rope, kv_cache, md, self.input_layernorm.row_scale(x))
+        else:
+            attn, kv_cache = self.self_attn(self.input_layernorm(x), rope, kv_cache, md)
         if self.sandwich_norms:
             x = x + self.post_attention_layernorm(attn)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), kv_cache
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+            mlp_norm = self.pre_feedforward_layernorm
+        else:
+            x = x + attn
+            mlp_norm = self.post_attention_layernorm
+        y = self.mlp(x, mlp_norm.row_scale(x)) if self.fold_mlp else self.mlp(mlp_norm(x))
+        if self.sandwich_norms:
+            y = self.post_feedforward_layernorm(y)
+        return x + y, kv_cache
 
 
 class LlamaModel(nnx.Module):

@@ -115,7 +115,7 @@ def load_model(
     tensors = _read_weights(source, gguf, config, expected, _with_logging(progress))
     if layout is None:
         if fuse_projections:
-            model, config, tensors = _fused(config, dtype_name, tensors, np.concatenate)
+            model, config, tensors = _fused(config, dtype_name, tensors, np)
         model = _fill(model, dtype_name, tensors, source)
     else:
         model, config = _fill_sharded(layout, dtype_name, tensors, source), layout.config
@@ -234,15 +234,17 @@ def _read_weights(
     return cl.assemble_all({n: planned[n] for n in expected}, read, dtypes)
 
 
-def _fused(config: ModelConfig, dtype_name: str, tensors: dict[str, Any], concat: Callable) -> tuple:
-    """(abstract fused model, its config, `tensors` fused to its names); a no-op for a fused config."""
+def _fused(config: ModelConfig, dtype_name: str, tensors: dict[str, Any], xp: Any) -> tuple:
+    """(abstract fused model, its config, `tensors` fused and folded to its names); a no-op for a
+    fused config. xp: numpy (host tensors) or jax.numpy (device tensors)."""
     from engine.models import fuse
 
     if fuse.is_fused(config):
         return _abstract_model(config, dtype_name), config, tensors
     config = fuse.fused_config(config)
     model = _abstract_model(config, dtype_name)
-    return model, config, fuse.fuse_tensors(tensors, _expected_params(model), concat)
+    tensors = fuse.fuse_tensors(tensors, _expected_params(model), xp.concatenate)
+    return model, config, fuse.fold_norms(tensors, config, xp)
 
 
 def _fill(model: Any, dtype_name: str, tensors: Mapping[str, np.ndarray], source: ModelSource) -> Any:
@@ -315,7 +317,7 @@ def random_model(
 
         tensors = {name: p.get_value() for name, p in named_params(model).items()}
         del model  # the dict holds the only references: each layer's parts are freed as it is fused
-        model, config, tensors = _fused(config, dtype_name, tensors, jnp.concatenate)
+        model, config, tensors = _fused(config, dtype_name, tensors, jnp)
         model = _fill(model, dtype_name, tensors, source)
     if mesh is None:
         return LoadedModel(model, config, tokenizer, eos, source, dtype_name)

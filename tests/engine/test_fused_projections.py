@@ -1,4 +1,5 @@
-"""Fused q/k/v and gate/up projections (engine.models.fuse) through the loaders and the engine.
+"""Fused q/k/v and gate/up projections with folded pre-norms (engine.models.fuse) through the
+loaders and the engine.
 
 Owns: when the engine fuses (engine.served_model), the random-weight loader's fused tensors
 against its unfused ones, and a fused engine loaded from a checkpoint directory giving
@@ -29,12 +30,15 @@ def _params(loaded) -> dict[str, np.ndarray]:
 
 
 def _assert_fused_from(fused: dict, plain: dict, num_layers: int) -> None:
-    """Every layer's fused matrices are its separate ones stacked by rows, and nothing else moved."""
+    """Every layer's fused matrices are its separate ones stacked by rows with the norm before them
+    folded into their columns, that norm is gone, and nothing else moved."""
     for i in range(num_layers):
-        for block, target, parts in (("self_attn", "qkv_proj", "qkv"), ("mlp", "gate_up_proj", ("gate", "up"))):
+        for block, target, parts, norm in (("self_attn", "qkv_proj", "qkv", "input_layernorm"),
+                                           ("mlp", "gate_up_proj", ("gate", "up"), "post_attention_layernorm")):
             prefix = f"model.layers.{i}.{block}."
-            want = np.concatenate([plain.pop(f"{prefix}{p}_proj.weight") for p in parts])
-            np.testing.assert_array_equal(fused.pop(f"{prefix}{target}.weight"), want)
+            gamma = plain.pop(f"model.layers.{i}.{norm}.weight")
+            want = np.concatenate([plain.pop(f"{prefix}{p}_proj.weight") for p in parts]) * gamma
+            np.testing.assert_allclose(fused.pop(f"{prefix}{target}.weight"), want, rtol=1e-6)
     assert fused.keys() == plain.keys()
     for name, value in plain.items():
         np.testing.assert_array_equal(fused[name], value, err_msg=name)
@@ -52,7 +56,7 @@ def test_random_weights_fuse_to_the_same_model(tmp_path):
     _save_model(tmp_path, "qwen2")  # only its config.json and tokenizer are read
     plain = random_model(str(tmp_path), dtype="float32", seed=3)
     fused = random_model(str(tmp_path), dtype="float32", seed=3, fuse_projections=True)
-    assert fused.config.fused_qkv and not plain.config.fused_qkv
+    assert fused.config.fused_qkv and fused.config.folded_norms and not plain.config.fused_qkv
     fused_params, plain_params = _params(fused), _params(plain)
     for i in range(plain.config.num_layers):  # Qwen2: q/k/v biases join too
         prefix = f"model.layers.{i}.self_attn."
@@ -77,3 +81,31 @@ def test_fused_engine_from_a_checkpoint_matches_transformers(tmp_path):
     together = run_all(engine, prompts, params)
     assert together == [_hf_greedy(hf, p)[:24] for p in prompts]
     assert run_all(engine, [prompts[1]], params)[0] == together[1]  # alone: the 1-token bucket
+
+
+def test_fold_on_device_equals_fold_on_host():
+    """Random weights are folded with jax.numpy on the device, checkpoints with numpy on the host:
+    the same products, Gemma's 1 + weight included, and the norms leave the dict."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from engine.models.config import ModelConfig
+    from engine.models.fuse import fold_norms, folded_pairs
+
+    rng = np.random.default_rng()
+    base = ModelConfig(architecture="LlamaForCausalLM", vocab_size=8, hidden_size=16, intermediate_size=24,
+                       num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8)
+    for config in (base, dataclasses.replace(base, norm_unit_offset=True, sandwich_norms=True)):
+        host = {}
+        for norm, proj in folded_pairs(config):
+            host[norm] = rng.normal(size=16).astype(np.float32)
+            host[proj] = rng.normal(size=(32 if "qkv" in proj else 48, 16)).astype(np.float32)
+        want = {n: v * ((1.0 if config.norm_unit_offset else 0.0) + host[norm])
+                for norm, n in folded_pairs(config) for v in [host[n]]}
+        device = fold_norms({n: jnp.asarray(v) for n, v in host.items()}, config, jnp)
+        folded = fold_norms(dict(host), config, np)
+        assert folded.keys() == device.keys() == want.keys()
+        for name, value in want.items():
+            np.testing.assert_allclose(folded[name], value, rtol=1e-6)
+            np.testing.assert_allclose(np.asarray(device[name]), value, rtol=1e-6)

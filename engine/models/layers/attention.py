@@ -53,15 +53,16 @@ class Attention(nnx.Module):
         rope: tuple[jax.Array, jax.Array],  # cos, sin [T, R] float32 (R: rotary dims, <= H)
         kv_cache: jax.Array,  # [2, P, S, K, H]
         md: AttentionMetadata,
+        row_scale: jax.Array | None = None,  # [T, 1] float32: the 1/rms of a norm folded into q/k/v
     ) -> tuple[jax.Array, jax.Array]:
         with jax.named_scope("attention"):
             t = x.shape[0]
             if self.fused_qkv:
-                qkv = self.qkv_proj(x)  # [T, (N + 2K) * H]
+                qkv = self.qkv_proj(x, row_scale)  # [T, (N + 2K) * H]
                 nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
                 q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
             else:
-                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+                q, k, v = self.q_proj(x, row_scale), self.k_proj(x, row_scale), self.v_proj(x, row_scale)
             q = q.reshape(t, self.num_heads, self.head_dim)  # [T, N, H]
             k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, K, H]
             v = v.reshape(t, self.num_kv_heads, self.head_dim)  # [T, K, H]

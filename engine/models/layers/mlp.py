@@ -44,10 +44,11 @@ class GatedMLP(nnx.Module):
             self.up_proj = Linear(dim, hidden, use_bias=use_bias, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(hidden, dim, use_bias=use_bias, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, row_scale: jax.Array | None = None) -> jax.Array:
+        """x [T, D] -> [T, D]; row_scale [T, 1]: the 1/rms of a norm folded into gate and up."""
         with jax.named_scope("mlp"):
             if self.fused:
-                gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)  # [T, F] each
+                gate, up = jnp.split(self.gate_up_proj(x, row_scale), 2, axis=-1)  # [T, F] each
             else:
-                gate, up = self.gate_proj(x), self.up_proj(x)
+                gate, up = self.gate_proj(x, row_scale), self.up_proj(x, row_scale)
             return self.down_proj(self.act(gate) * up)  # [T, D]

@@ -16,7 +16,8 @@ How one step runs (all inside the caller's jit, grids static per bucket):
    (causal and window ranges skip whole blocks), masks only edge blocks, writes normalized output.
 3. The decode kernel, per (kv head, split, decode item): a long context is split into up to
    `num_splits` stretches (flash-decoding) so few requests still fill the GPU; it writes float32
-   partials (max, denominator, output) that `combine` merges in XLA.
+   partials (max, denominator, output) that the merge kernel combines, per decode item and kv
+   head, into the output (`combine` is the same merge in plain JAX).
 Grids are capped (`programs`) and programs loop over the used work, so empty capacity is cheap.
 Block sizes come from tuned_block_sizes.py (per device kind, head dim and dtype).
 

@@ -1,6 +1,6 @@
 """The GPU ragged paged attention entry point: same contract as the reference, Pallas kernels inside.
 
-Owns: `ragged_paged_attention_gpu` (checks, cache write, plan, the two kernels, the split merge) and
+Owns: `ragged_paged_attention_gpu` (checks, cache write, plan, the three kernels) and
 `supports` (which shapes the kernels take). Must not: choose a backend for a platform (dispatch.py
 does) or change the semantics of the reference it stands in for.
 """
@@ -91,15 +91,17 @@ def ragged_paged_attention_gpu(
         qg = q.astype(kv_cache.dtype).reshape(t, kh, sh.group, h)  # [T, K, G, H]
         kv_flat = kv_cache.reshape(2, p * s, kh, h)  # [2, P*S, K, H]
         pre = dataclasses.replace(pre, rows=rows)
-        if plan.blocks.shape[1]:
-            out = kernel.prefill_attention(plan, md.page_table, qg, kv_flat, cfg=pre, sh=sh, interpret=interpret)
-        else:  # a bucket too small for a block (one token): the decode kernel does all the work
-            out = jnp.zeros(qg.shape, qg.dtype)
         m, l, acc = kernel.decode_attention(plan, md.page_table, qg, kv_flat, cfg=sizes.decode, sh=sh,
                                             interpret=interpret)
-        dec = kernel.combine(m, l, acc).astype(out.dtype)  # [ND, K, G, H]
-        out = out.at[plan.decodes[D_TOK]].set(dec, mode="drop")  # unused items point at T: dropped
-        # Tokens that see no key are in neither work list: their rows were never written.
-        live = plan.bounds[1] > plan.bounds[0]  # [T]
-        out = jnp.where(live[:, None, None, None], out, 0)
+        dec = kernel.merge_splits(plan.counts, m, l, acc, dtype=qg.dtype, sh=sh, interpret=interpret)
+        if plan.blocks.shape[1]:
+            out = kernel.prefill_attention(plan, md.page_table, qg, kv_flat, cfg=pre, sh=sh, interpret=interpret)
+            out = out.at[plan.decodes[D_TOK]].set(dec, mode="drop")  # unused items point at T: dropped
+            # Tokens that see no key are in neither work list: their rows were never written.
+            live = plan.bounds[1] > plan.bounds[0]  # [T]
+            out = jnp.where(live[:, None, None, None], out, 0)
+        else:
+            # A bucket too small for a block (one token): its one decode item, if used, is token 0,
+            # and the merge wrote 0 if not. The kernels' outputs are the attention output as is.
+            out = dec
     return out.reshape(t, n, h).astype(q.dtype), kv_cache

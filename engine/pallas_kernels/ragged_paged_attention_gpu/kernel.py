@@ -1,8 +1,10 @@
 """The two Pallas kernels (Triton lowering) of the GPU ragged paged attention, and their launches.
 
 Owns: the prefill kernel (a query block and kv head per step; finishes its softmax and writes the
-output) and the decode kernel (a decode token, KV split and kv head per step; writes
-flash-decoding partials). Must not: plan work (plan.py does) or write the cache.
+output), the decode kernel (a decode token, KV split and kv head per step; writes
+flash-decoding partials) and the merge kernel (one decode token's splits, per kv head), with
+`combine`, the merge in plain JAX that the merge kernel is tested against. Must not: plan work
+(plan.py does) or write the cache.
 
 Grids are static: at most `programs` programs (per the tuned sizes), each looping over the used
 entries of its work list (p, p + n, ...), so unused capacity costs one early exit, not a launch.
@@ -238,6 +240,50 @@ def decode_attention(plan, page_table, q, kv_flat, *, cfg: DecodeBlocks, sh: Sha
         interpret=interpret,
         name="rpa_gpu_decode",
     )(plan.counts, plan.decodes, page_table, q, kv_flat)
+
+
+def _merge_kernel(counts_ref, m_ref, l_ref, acc_ref, o_ref, *, splits, rows, cols, sh):
+    d, kh, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    r = jnp.arange(rows, dtype=jnp.int32)
+    valid = r < sh.group
+    g = jnp.where(valid, r, sh.group)  # [M]: rows past G point past the end (masked / dropped)
+    g_ld = jnp.minimum(r, sh.group - 1)
+    col = c * cols + jnp.arange(cols, dtype=jnp.int32)[None, :]  # [1, C]: this program's columns
+    valid_2d = jnp.broadcast_to(valid[:, None], (rows, cols))
+    # Two passes over the splits (a static loop): the top max, then the weighted sums.
+    ms = [m_ref[d, s, kh, g_ld] for s in range(splits)]  # splits x [M]
+    top = functools.reduce(jnp.maximum, ms)
+    top = jnp.where(top == -jnp.inf, 0.0, top)  # every split empty: all weights 0
+    denom = jnp.zeros((rows,), jnp.float32)
+    num = jnp.zeros((rows, cols), jnp.float32)
+    for s in range(splits):
+        w = jnp.exp2(ms[s] - top)  # [M]
+        denom += w * l_ref[d, s, kh, g_ld]
+        acc = acc_ref[d, s, kh, g_ld[:, None], col]  # [M, C]
+        num += jnp.where(w[:, None] > 0, w[:, None] * acc, 0.0)  # an empty split's acc may be unset
+    live = (d < counts_ref[1]) & (denom > 0)  # [M]: unused items and keyless rows come out 0
+    out = jnp.where(live[:, None], num / jnp.where(live, denom, 1.0)[:, None], 0.0)
+    plgpu.store(o_ref.at[d, kh, g[:, None], col], out.astype(o_ref.dtype), mask=valid_2d)
+
+
+def merge_splits(counts, m, l, acc, *, dtype, sh: Shapes, interpret: bool):
+    """One launch for what `combine` does: m, l [ND, NS, K, G], acc [.., H] -> [ND, K, G, H] in
+    `dtype`, 0 for unused items. At one stream the three fusions XLA makes of `combine` cost more
+    than the attention kernel (bench/RESULTS.md, 2026-11-23)."""
+    nd, splits = m.shape[:2]
+    rows = max(16, sh.group_pow2)
+    # Column stripes of 32: a lone decode's 8 kv heads alone are 8 programs, each loading all its
+    # splits' partials one after another; 4 stripes spread those loads over 4x the SMs.
+    cols = min(32, sh.head_dim)
+    kernel = functools.partial(_merge_kernel, splits=splits, rows=rows, cols=cols, sh=sh)
+    return pl.pallas_call(
+        kernel,
+        grid=(nd, sh.num_kv_heads, sh.head_dim // cols),
+        out_shape=jax.ShapeDtypeStruct((nd, sh.num_kv_heads, sh.group, sh.head_dim), dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="rpa_gpu_merge",
+    )(counts, m, l, acc)
 
 
 def combine(m, l, acc):

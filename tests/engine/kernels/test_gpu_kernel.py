@@ -164,6 +164,31 @@ def test_decode_splits_follow_occupancy():
     assert off.for_items(1, 1) == off
 
 
+@pytest.mark.parametrize("group", [1, 4, 6])
+def test_merge_kernel_matches_combine(group):
+    """The one-launch split merge against `combine` on fresh partials: empty splits (m = -inf, l = 0,
+    acc never written: NaN here), rows no split saw, and unused items past the count (0)."""
+    from engine.pallas_kernels.ragged_paged_attention_gpu import kernel
+
+    rng = np.random.default_rng()
+    nd, splits, kh, h = 5, 4, 2, 32
+    m = rng.normal(size=(nd, splits, kh, group)).astype(np.float32) * 4
+    l = rng.uniform(0.5, 3.0, size=m.shape).astype(np.float32)
+    acc = rng.normal(size=(*m.shape, h)).astype(np.float32)
+    empty = rng.random(m.shape) < 0.3
+    empty[1, :, 0, 0] = True  # a row that saw no key at all
+    m[empty], l[empty], acc[empty] = -np.inf, 0.0, np.nan
+    used = 3
+    sh = kernel.Shapes(num_tokens=nd, num_kv_heads=kh, group=group, head_dim=h, page_size=16, max_pages=4,
+                       sm_scale=1.0, soft_cap=None, dot_precision=jax.lax.Precision.HIGHEST)
+    got = kernel.merge_splits(jnp.array([0, used], jnp.int32), jnp.asarray(m), jnp.asarray(l), jnp.asarray(acc),
+                              dtype=jnp.float32, sh=sh, interpret=True)
+    want = np.asarray(kernel.combine(jnp.asarray(m), jnp.asarray(l), jnp.asarray(acc)))
+    np.testing.assert_allclose(np.asarray(got)[:used], want[:used], rtol=1e-5, atol=1e-6)
+    assert not np.asarray(got)[1, 0, 0].any()
+    assert not np.asarray(got)[used:].any()
+
+
 def test_unsupported_head_dim_falls_back_to_reference():
     rng = np.random.default_rng()
     engine = TinyPagedEngine(num_pages=NUM_PAGES, page_size=4, seed=int(rng.integers(1 << 31)))

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from engine.models.config import ModelConfig  # noqa: E402
-from engine.models.fuse import fuse_tensors, fused_config  # noqa: E402
+from engine.models.fuse import fold_norms, fuse_tensors, fused_config  # noqa: E402
 from engine.models.params import assign_params, named_params  # noqa: E402
 from engine.models.registry import (  # noqa: E402
     UnsupportedArchitectureError,
@@ -99,14 +99,15 @@ def _hf_model(variant: str):
 
 
 def _ours(hf_model, dtype=jnp.float32, *, fuse=False):
-    """Our port with HF's weights; fuse: q/k/v and gate/up joined as the loader joins them."""
+    """Our port with HF's weights; fuse: q/k/v and gate/up joined and the pre-norms folded into
+    them, as the loader does."""
     config = config_from_hf(hf_model.config.to_dict())
     tensors = {k: v.numpy() for k, v in hf_model.state_dict().items()}
     if fuse:
         config = fused_config(config)
     model = build_abstract_model(config, dtype=dtype)
     if fuse:
-        tensors = fuse_tensors(tensors, named_params(model), np.concatenate)
+        tensors = fold_norms(fuse_tensors(tensors, named_params(model), np.concatenate), config, np)
     assign_params(model, tensors, dtype)
     return config, model
 
@@ -138,13 +139,16 @@ def test_matches_transformers(variant):
     _check_parity(model, config, *_prompts_and_hf(hf_model, config))
 
 
-# Fused on one GPU (engine.served_model): biases (Qwen3 here), q/k norms after the split, sandwich norms.
+# Fused on one GPU (engine.served_model): biases (Qwen3 here), q/k norms after the split, sandwich
+# norms; the pre-norms (random weights, 1 + weight for Gemma) folded into the projections.
 @pytest.mark.parametrize("variant", ["llama3.1", "qwen3-swa", "gemma3"])
 def test_fused_projections_match_transformers(variant):
     hf_model = _hf_model(variant)
     config, model = _ours(hf_model, fuse=True)
     names = set(named_params(model))
-    assert not any(n.endswith(("q_proj.weight", "gate_proj.weight")) for n in names)
+    assert not any(n.endswith(("q_proj.weight", "gate_proj.weight", "input_layernorm.weight")) for n in names)
+    mlp_norm = "pre_feedforward_layernorm" if config.sandwich_norms else "post_attention_layernorm"
+    assert f"model.layers.1.{mlp_norm}.weight" not in names and "model.norm.weight" in names
     layer = "model.layers.1."
     assert {layer + "self_attn.qkv_proj.weight", layer + "mlp.gate_up_proj.weight"} <= names
     assert (layer + "self_attn.qkv_proj.bias" in names) == config.attention_bias

@@ -135,7 +135,8 @@ def test_matches_transformers_from_disk(name, ckpt_root):
 
 def test_fused_projections_from_disk(ckpt_root):
     """Qwen2-MoE fused by the loader (as on one GPU): the dense layer's gate/up and every q/k/v join
-    on the host, while the experts keep their stacks and the shared expert its own matrices."""
+    on the host with the norm before them folded in, while the experts keep their stacks, the shared
+    expert its own matrices and the sparse layers the norm before their router."""
     hf_model = _hf_model("qwen2-moe")
     loaded = load_model(str(_checkpoint("qwen2-moe", ckpt_root)), dtype="float32", fuse_projections=True)
     config, model = loaded.config, loaded.model
@@ -144,12 +145,18 @@ def test_fused_projections_from_disk(ckpt_root):
     hf_state = {k: v.numpy() for k, v in hf_model.state_dict().items()}
     for i in range(config.num_layers):
         attn = f"model.layers.{i}.self_attn."
-        for leaf in ("weight", "bias"):
-            want = np.concatenate([hf_state[f"{attn}{p}_proj.{leaf}"] for p in "qkv"])
-            np.testing.assert_array_equal(params[f"{attn}qkv_proj.{leaf}"], want)
+        gamma = hf_state[f"model.layers.{i}.input_layernorm.weight"]
+        want = np.concatenate([hf_state[f"{attn}{p}_proj.weight"] for p in "qkv"]) * gamma
+        np.testing.assert_allclose(params[f"{attn}qkv_proj.weight"], want, rtol=1e-6)
+        want = np.concatenate([hf_state[f"{attn}{p}_proj.bias"] for p in "qkv"])
+        np.testing.assert_array_equal(params[f"{attn}qkv_proj.bias"], want)
+        assert f"model.layers.{i}.input_layernorm.weight" not in params
     dense = "model.layers.1.mlp."
-    np.testing.assert_array_equal(params[dense + "gate_up_proj.weight"],
-                                  np.concatenate([hf_state[dense + "gate_proj.weight"], hf_state[dense + "up_proj.weight"]]))
+    gamma = hf_state["model.layers.1.post_attention_layernorm.weight"]
+    np.testing.assert_allclose(params[dense + "gate_up_proj.weight"], gamma * np.concatenate(
+        [hf_state[dense + "gate_proj.weight"], hf_state[dense + "up_proj.weight"]]), rtol=1e-6)
+    assert "model.layers.1.post_attention_layernorm.weight" not in params
+    assert "model.layers.0.post_attention_layernorm.weight" in params  # sparse: feeds the router
     assert "model.layers.0.mlp.shared_expert.gate_proj.weight" in params
     assert "model.layers.0.mlp.experts.gate_up_proj" in params
     assert not any(n.endswith((".q_proj.weight", ".k_proj.weight", ".v_proj.weight")) for n in params)
