@@ -69,7 +69,8 @@ class EngineConfig:
     min_token_bucket: int = 16
     # A 1-token bucket for steps that decode one request alone; None: on GPUs only (llm_engine says why).
     lone_decode_bucket: bool | None = None
-    # q/k/v and gate/up as one matrix each (engine.models.fuse); None: on one GPU only (engine.served_model).
+    # q/k/v and gate/up as one matrix each, pre-norms folded in (engine.models.fuse); None: on one GPU
+    # only (engine.served_model).
     fuse_projections: bool | None = None
     compilation_cache_dir: str | None = None
     # auto | reference | pallas (engine.pallas_kernels.dispatch checks the name at start-up).

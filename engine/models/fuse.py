@@ -57,10 +57,13 @@ def folded_pairs(config: ModelConfig) -> list[tuple[str, str]]:
 def fold_norms(tensors: dict[str, Any], config: ModelConfig, xp: Any) -> dict[str, Any]:
     """`tensors` (fused names; consumed) with each folded norm's weight multiplied into its
     projection's columns in float32 and dropped. xp: numpy or jax.numpy, the arrays' module.
-    A pair with a tensor missing is skipped, so the caller's check names what is missing."""
+    A missing projection is skipped, so the caller's check names it; a missing norm is an error,
+    since the folded model has no parameter by which a later check could notice it."""
     for norm, proj in folded_pairs(config):
-        if norm not in tensors or proj not in tensors:
+        if proj not in tensors:
             continue
+        if norm not in tensors:
+            raise ValueError(f"{norm} is missing: {proj} cannot take the norm's weight")
         gamma = xp.asarray(tensors.pop(norm)).astype(xp.float32)  # [D]
         if config.norm_unit_offset:
             gamma = gamma + 1.0

@@ -72,8 +72,8 @@ def load_model(
     tensor goes straight from the file onto its shards, so no device ever holds the whole model.
     A layout the model cannot take, or weights that cannot fit in `memory_fraction` of each device,
     raise engine.sharding.config.LayoutError before any weight is read.
-    fuse_projections: run q/k/v and gate/up as one matrix each (engine.models.fuse), joined on the
-    host as they are read; ignored with a mesh.
+    fuse_projections: run q/k/v and gate/up as one matrix each with the norms before them folded in
+    (engine.models.fuse), done on the host as they are read; ignored with a mesh.
     """
     try:
         dtype_name = parse_dtype(dtype)

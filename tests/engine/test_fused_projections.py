@@ -109,3 +109,14 @@ def test_fold_on_device_equals_fold_on_host():
         for name, value in want.items():
             np.testing.assert_allclose(folded[name], value, rtol=1e-6)
             np.testing.assert_allclose(np.asarray(device[name]), value, rtol=1e-6)
+
+
+def test_fold_refuses_a_projection_without_its_norm():
+    from engine.models.config import ModelConfig
+    from engine.models.fuse import fold_norms, folded_pairs
+
+    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=8, hidden_size=4, intermediate_size=6,
+                         num_layers=1, num_heads=2, num_kv_heads=1, head_dim=2)
+    norm, proj = folded_pairs(config)[0]
+    with pytest.raises(ValueError, match=norm):
+        fold_norms({proj: np.ones((8, 4), np.float32)}, config, np)
