@@ -31,6 +31,8 @@ VARIANTS = {
     "default": "",
     "no-triton-gemm": "--xla_gpu_enable_triton_gemm=false",
     "cublaslt": "--xla_gpu_enable_cublaslt=true",
+    # The autotuner tries every Triton tiling (block sizes, split-K, warps, stages), not a short list.
+    "exhaustive": "--xla_gpu_exhaustive_tiling_search=true",
 }
 # (block_n, block_k, split_k, num_warps, num_stages)
 PALLAS = [(64, 128, 1, 4, 4), (32, 256, 1, 4, 4), (64, 256, 1, 4, 3), (128, 128, 1, 8, 4),

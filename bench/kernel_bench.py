@@ -134,7 +134,7 @@ def breakdown(inputs, sizes: BlockSizes, sm_scale: float, *, n_inner: int, repea
     pre = dataclasses.replace(sizes.prefill, rows=max(sizes.prefill.rows, sh.group_pow2))
     plan_fn = jax.jit(lambda md: build_plan(md, block_tokens=pre.rows // sh.group_pow2, sliding_window=None))
     plan = plan_fn(md)
-    qg, kv_flat = q.reshape(t, kh, n // kh, h), cache.reshape(2, p * s, kh, h)
+    qg, kv_flat = q, cache.reshape(2, p * s, kh, h)  # q heads flat: row k * G + g
     pre_fn = jax.jit(lambda *a: kernel.prefill_attention(*a, cfg=pre, sh=sh, interpret=interpret))
     dec_fn = jax.jit(lambda *a: kernel.decode_attention(*a, cfg=sizes.decode, sh=sh, interpret=interpret))
     partials = dec_fn(plan, md.page_table, qg, kv_flat)
@@ -220,6 +220,72 @@ SWEEP_PREFILL = [  # rows, block_kv, num_warps, num_stages, prefetch_pages
 ]
 
 
+# A lone decode (one request, 1-token bucket): block_kv, splits, min_split_blocks, warps, stages,
+# prefetch; fill=0 keeps each as given (the tuned row widens to 16 splits by occupancy).
+SWEEP_LONE = [
+    (64, 16, 1, 4, 3, False), (64, 16, 1, 4, 3, True), (32, 16, 1, 4, 3, True), (64, 8, 1, 4, 3, True),
+    (64, 4, 1, 4, 3, True), (64, 2, 1, 4, 3, True), (32, 1, 1, 4, 3, True), (64, 1, 1, 4, 3, True),
+    (64, 1, 1, 4, 4, True), (64, 1, 1, 8, 3, True), (64, 1, 1, 4, 3, False), (128, 1, 1, 4, 2, True),
+    (128, 1, 1, 8, 2, True), (128, 1, 1, 8, 3, True), (256, 1, 1, 8, 2, True),
+]
+CHAIN = 64  # attention calls per timed program in --lone (one dispatch, so device time dominates)
+
+
+def time_chain(attn, inputs, *, n_inner, repeats):
+    """Device seconds per call of a lone decode: CHAIN calls in one program, each output the next q."""
+    q, k, v, cache, md = inputs
+
+    def chain(q, cache):
+        for _ in range(CHAIN):
+            q, cache = attn(q, k, v, cache, md)
+        return q, cache
+
+    run = jax.jit(chain, donate_argnums=(1,))
+    state = {"q": q, "cache": cache}
+
+    def step():
+        state["q"], state["cache"] = run(state["q"], state["cache"])
+        return state["q"]
+
+    return time_fn(step, repeats=repeats, n_inner=n_inner) / CHAIN, state["cache"]
+
+
+def launch_floor(n_inner, repeats):
+    """Seconds per kernel of CHAIN dependent tiny XLA kernels (a reduce each): the launch floor."""
+    def chain(x):
+        for _ in range(CHAIN):
+            x = x * (1.0 + 1e-6 * jnp.sum(x))
+        return x
+    return time_fn(jax.jit(chain), jnp.ones((4096,), jnp.float32), repeats=repeats, n_inner=n_inner) / CHAIN
+
+
+def lone_main(args, shape: Shape, tuned: BlockSizes) -> list[dict]:
+    """--lone: one request decoding alone at a few contexts, the tuned sizes and SWEEP_LONE."""
+    rows = []
+    floor = launch_floor(args.n_inner, args.repeats)
+    print(f"  launch floor (tiny dependent XLA kernel): {floor * 1e6:.2f} us", flush=True)
+    rows.append({"case": "launch floor", "impl": "xla", "sizes": "-", "us": floor * 1e6})
+    variants = [("tuned", tuned)] + [
+        ("kernel", dataclasses.replace(tuned, decode=DecodeBlocks(*d[:5], prefetch_pages=d[5], fill=0)))
+        for d in SWEEP_LONE]
+    scale = shape.head_dim**-0.5
+    for seed, ctx in enumerate(args.lone_contexts):
+        inputs = case_inputs(shape, [(ctx - 1, 1)], num_tokens=1, num_rows=1, seed=seed)
+        for impl, sizes in variants:
+            attn = functools.partial(ragged_paged_attention_gpu, sm_scale=scale, block_sizes=sizes,
+                                     interpret=args.interpret)
+            label = _label(sizes, "bytes")
+            try:
+                seconds, cache = time_chain(attn, inputs, n_inner=args.n_inner, repeats=args.repeats)
+            except Exception as e:  # noqa: BLE001 - a variant that does not compile is skipped, loudly
+                print(f"  lone ctx={ctx:<6d} {label:28s} failed: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            inputs = (*inputs[:3], cache, inputs[4])
+            rows.append({"case": f"lone decode ctx={ctx}", "impl": impl, "sizes": label, "us": seconds * 1e6})
+            print(f"  lone ctx={ctx:<6d} {impl:6s} {label:28s} {seconds * 1e6:8.2f} us", flush=True)
+    return rows
+
+
 def sweep_variants(tuned: BlockSizes, kind: str) -> list[BlockSizes]:
     if kind == "bytes":
         return [dataclasses.replace(tuned, decode=DecodeBlocks(*d[:5], prefetch_pages=d[5])) for d in SWEEP_DECODE]
@@ -238,6 +304,9 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="also time the block-size variants")
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--lone", action="store_true",
+                        help="only a lone decode (1-token step), chained, over SWEEP_LONE (tuning one stream)")
+    parser.add_argument("--lone-contexts", type=lambda s: [int(x) for x in s.split(",")], default=[256, 1024])
     args = parser.parse_args()
 
     shape = Shape(dtype=args.dtype)
@@ -248,6 +317,11 @@ def main() -> None:
           flush=True)
     scale = shape.head_dim**-0.5
     rows = []
+    if args.lone:
+        rows = lone_main(args, shape, tuned)
+        if args.json_out:
+            args.json_out.write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+        return
 
     def record(case, impl, sizes, seconds, kind, amount):
         row = {"case": case, "impl": impl, "sizes": sizes, "us": seconds * 1e6}

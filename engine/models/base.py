@@ -33,6 +33,7 @@ class AttentionFn(Protocol):
         sm_scale: float,
         sliding_window: int | None = None,
         soft_cap: float | None = None,
+        num_q_heads: int | None = None,  # q [T, N + 2K, H] a fused projection: its first N heads
     ) -> tuple[jax.Array, jax.Array]: ...  # out [T, N, H] in q's dtype, new kv_cache
 
 

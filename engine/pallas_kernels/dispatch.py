@@ -20,7 +20,7 @@ from engine.pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from engine.pallas_kernels.ragged_paged_attention_gpu import ragged_paged_attention_gpu
 
 BACKENDS = ("auto", "reference", "pallas")
-_STATIC = ("sm_scale", "sliding_window", "soft_cap", "block_sizes", "interpret")
+_STATIC = ("sm_scale", "sliding_window", "soft_cap", "block_sizes", "interpret", "num_q_heads")
 
 
 def _traced_once(fn: Callable[..., tuple]) -> Callable[..., tuple]:

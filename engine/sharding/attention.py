@@ -35,7 +35,9 @@ def shard_attention(attention_fn: AttentionFn, mesh: Mesh) -> AttentionFn:
     whole = rules.partition_spec(mesh, ())
 
     @functools.wraps(attention_fn)
-    def sharded(q, k, v, kv_cache, md, *, sm_scale, sliding_window=None, soft_cap=None):
+    def sharded(q, k, v, kv_cache, md, *, sm_scale, sliding_window=None, soft_cap=None, num_q_heads=None):
+        if num_q_heads is not None:  # heads shard by position: a fused q/k/v would split wrongly
+            raise ValueError("a sharded model keeps q, k and v apart (no fused projections under a mesh)")
         def local(q, k, v, kv_cache, md):  # [T, N/tp, H], [T, K/tp, H], [2, P, S, K/tp, H]
             return attention_fn(q, k, v, kv_cache, md, sm_scale=sm_scale, sliding_window=sliding_window,
                                 soft_cap=soft_cap)

@@ -57,6 +57,8 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         with jax.named_scope("attention"):
             t = x.shape[0]
+            if self.fused_qkv and not self.qk_norm:
+                return self._fused(x, rope, kv_cache, md, row_scale)
             if self.fused_qkv:
                 qkv = self.qkv_proj(x, row_scale)  # [T, (N + 2K) * H]
                 nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -74,3 +76,17 @@ class Attention(nnx.Module):
                 sliding_window=self.sliding_window, soft_cap=self.soft_cap,
             )  # [T, N, H]
             return self.o_proj(out.reshape(t, -1)), kv_cache  # [T, D]
+
+    def _fused(self, x, rope, kv_cache, md, row_scale):
+        """q/k/v as one array throughout: rope runs over all of its heads at once (v's kept as they
+        were) and the attention reads q in place. At one row each slice of q/k/v otherwise costs a
+        launch of its own (a lone decode is launch bound: bench/RESULTS.md)."""
+        t, n, kh = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x, row_scale).reshape(t, n + 2 * kh, self.head_dim)  # [T, N + 2K, H]
+        is_v = jnp.arange(n + 2 * kh) >= n + kh  # [N + 2K]
+        qkv = jnp.where(is_v[None, :, None], qkv, apply_rope(qkv, *rope))
+        out, kv_cache = self.attention_fn(
+            qkv, qkv[:, n:n + kh], qkv[:, n + kh:], kv_cache, md.for_group(self.kv_group), sm_scale=self.sm_scale,
+            sliding_window=self.sliding_window, soft_cap=self.soft_cap, num_q_heads=n,
+        )  # [T, N, H]
+        return self.o_proj(out.reshape(t, -1)), kv_cache  # [T, D]

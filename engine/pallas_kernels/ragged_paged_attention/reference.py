@@ -77,11 +77,15 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    num_q_heads: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Writes k/v into the cache, then attends each token over its request's pages, block by block.
 
     q [T, N, H], k/v [T, K, H], kv_cache [2, P, S, K, H] -> (out [T, N, H] in q's dtype, new cache).
+    `num_q_heads`: q may be a fused projection [T, N + more, H] whose first N heads are the queries
+    (the rest, k and v, are ignored here); out is [T, N, H] either way.
     """
+    q = q if num_q_heads is None else q[:, :num_q_heads]
     _check_shapes(q, k, v, kv_cache)
     kv_cache = write_kv(kv_cache, k, v, md.slot_mapping)
     with jax.named_scope("attention"):
@@ -170,8 +174,10 @@ def naive_ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    num_q_heads: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Test oracle: gathers every token's whole context densely, then one masked softmax."""
+    q = q if num_q_heads is None else q[:, :num_q_heads]
     _check_shapes(q, k, v, kv_cache)
     t, n, h = q.shape
     _, p, s, kh, _ = kv_cache.shape

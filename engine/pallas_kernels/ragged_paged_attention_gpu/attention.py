@@ -30,12 +30,12 @@ def supports(head_dim: int, dtype) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and jnp.dtype(dtype) in map(jnp.dtype, _DTYPES)
 
 
-def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: jax.Array) -> None:
+def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: jax.Array, n: int) -> None:
     if q.ndim != 3 or kv_cache.ndim != 5 or kv_cache.shape[0] != 2:
         raise ValueError(f"expected q [T, N, H] and kv_cache [2, P, S, K, H]; got {q.shape}, {kv_cache.shape}")
-    t, n, h = q.shape
+    t, _, h = q.shape
     kh = kv_cache.shape[3]
-    if k.shape != (t, kh, h) or v.shape != k.shape or kv_cache.shape[4] != h or n % kh:
+    if k.shape != (t, kh, h) or v.shape != k.shape or kv_cache.shape[4] != h or n % kh or q.shape[1] < n:
         raise ValueError(f"shape mismatch: q {q.shape}, k {k.shape}, v {v.shape}, kv_cache {kv_cache.shape}")
 
 
@@ -63,20 +63,26 @@ def ragged_paged_attention_gpu(
     soft_cap: float | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    num_q_heads: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """q [T, N, H], k/v [T, K, H], kv_cache [2, P, S, K, H] -> (out [T, N, H] in q's dtype, new cache).
 
     `interpret=True` runs the kernels in Pallas' CPU interpreter (tests); `block_sizes` overrides the
-    tuned table (benchmarks).
+    tuned table (benchmarks). `num_q_heads`: q is a fused projection [T, N + 2K, H] whose first N
+    heads are the queries; the kernels read them in place (no copy of q is made).
     """
-    _check_shapes(q, k, v, kv_cache)
-    t, n, h = q.shape
+    t, n, h = q.shape[0], num_q_heads or q.shape[1], q.shape[2]
+    _check_shapes(q, k, v, kv_cache, n)
     _, p, s, kh, _ = kv_cache.shape
     if not supports(h, kv_cache.dtype):
-        return ragged_paged_attention(q, k, v, kv_cache, md, sm_scale=sm_scale,
-                                      sliding_window=sliding_window, soft_cap=soft_cap)
+        return ragged_paged_attention(q, k, v, kv_cache, md, sm_scale=sm_scale, sliding_window=sliding_window,
+                                      soft_cap=soft_cap, num_q_heads=num_q_heads)
     sizes = block_sizes or _default_sizes(h, kv_cache.dtype, interpret)
-    kv_cache = write_kv(kv_cache, k, v, md.slot_mapping)
+    # A 1-token bucket of a fused q/k/v: the decode kernel writes k/v itself, read from the fused
+    # array (at one row a separate scatter, and the stack of k and v it needs, cost a launch each).
+    write = n if num_q_heads is not None and t == 1 and q.shape[1] == n + 2 * kh else None
+    if write is None:
+        kv_cache = write_kv(kv_cache, k, v, md.slot_mapping)
     sh = kernel.Shapes(
         num_tokens=t, num_kv_heads=kh, group=n // kh, head_dim=h, page_size=s,
         max_pages=md.page_table.shape[1], sm_scale=float(sm_scale),
@@ -88,11 +94,14 @@ def ragged_paged_attention_gpu(
     rows = max(pre.rows, sh.group_pow2)
     with jax.named_scope("attention"):
         plan = build_plan(md, block_tokens=rows // sh.group_pow2, sliding_window=sliding_window)
-        qg = q.astype(kv_cache.dtype).reshape(t, kh, sh.group, h)  # [T, K, G, H]
+        qg = q.astype(kv_cache.dtype)  # [T, N(+2K), H]: q head g of kv head k is row k * G + g
         kv_flat = kv_cache.reshape(2, p * s, kh, h)  # [2, P*S, K, H]
         pre = dataclasses.replace(pre, rows=rows)
-        m, l, acc = kernel.decode_attention(plan, md.page_table, qg, kv_flat, cfg=sizes.decode, sh=sh,
-                                            interpret=interpret)
+        m, l, acc, *new_cache = kernel.decode_attention(plan, md.page_table, qg, kv_flat, cfg=sizes.decode, sh=sh,
+                                                        interpret=interpret, write=write,
+                                                        slot_mapping=md.slot_mapping)
+        if new_cache:
+            kv_cache = new_cache[0].reshape(kv_cache.shape)
         dec = kernel.merge_splits(plan.counts, m, l, acc, dtype=qg.dtype, sh=sh, interpret=interpret)
         if plan.blocks.shape[1]:
             out = kernel.prefill_attention(plan, md.page_table, qg, kv_flat, cfg=pre, sh=sh, interpret=interpret)

@@ -67,13 +67,15 @@ def _logits(q, k, sh: Shapes):
 
 
 def _attend(q, row_lo, row_hi, kv_lo, kv_hi, blk_begin, blk_end, row, kh, pt_ref, kv_ref, *, block_kv,
-            prefetch, sh):
+            prefetch, sh, new=None):
     """Online softmax of q [M, H] over KV blocks [blk_begin, blk_end) of request `row`, kv head kh.
 
     Row i sees positions [row_lo[i], row_hi[i]); every row lies inside [kv_lo, kv_hi). Returns base-2
     running max m [M], denominator l [M] and unnormalized output acc [M, H], all float32.
     `prefetch`: the unmasked loop reads the next block's page ids one step ahead, so K/V addresses
     do not wait on a load of the same step and Triton can buffer K/V several stages deep.
+    `new`: (slot, k [1, H], v [1, H]) of a token this launch is writing into the cache: its slot is
+    read from these values, never from the cache, which another program may be writing meanwhile.
     """
     m_rows, h = q.shape
     col = jnp.arange(h, dtype=jnp.int32)[None, :]  # [1, H]
@@ -95,6 +97,8 @@ def _attend(q, row_lo, row_hi, kv_lo, kv_hi, blk_begin, blk_end, row, kh, pt_ref
             k = plgpu.load(kv_ref.at[0, slot, kh, col], mask=in_kv, other=0)  # [B, H]
         else:
             k = kv_ref[0, slot, kh, col]  # [B, H]
+        if new is not None:
+            k = jnp.where(slot == new[0], new[1], k)
         s = _logits(q, k, sh)  # [M, B]
         if masked:
             sees = (j[None, :] >= row_lo[:, None]) & (j[None, :] < row_hi[:, None])  # [M, B]
@@ -108,6 +112,8 @@ def _attend(q, row_lo, row_hi, kv_lo, kv_hi, blk_begin, blk_end, row, kh, pt_ref
             v = plgpu.load(kv_ref.at[1, slot, kh, col], mask=in_kv, other=0)
         else:
             v = kv_ref[1, slot, kh, col]
+        if new is not None:
+            v = jnp.where(slot == new[0], new[2], v)
         pv = plgpu.dot(p.astype(v.dtype), v, precision=sh.dot_precision)  # [M, H]
         return m_new, l_i * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
 
@@ -159,7 +165,7 @@ def _prefill_kernel(counts_ref, blocks_ref, bounds_ref, pt_ref, q_ref, kv_ref, o
         valid = (r // gp < ntok) & (g < sh.group)
         tok_ld, g_ld = jnp.minimum(tok, t_len - 1), jnp.minimum(g, sh.group - 1)
         valid_2d = jnp.broadcast_to(valid[:, None], (cfg.rows, sh.head_dim))
-        q = plgpu.load(q_ref.at[tok_ld[:, None], kh, g_ld[:, None], col], mask=valid_2d, other=0)  # [M, H]
+        q = plgpu.load(q_ref.at[tok_ld[:, None], kh * sh.group + g_ld[:, None], col], mask=valid_2d, other=0)
         row_lo = jnp.where(valid, bounds_ref[0, tok_ld], 0)  # [M]: missing rows never narrow the
         row_hi = jnp.where(valid, bounds_ref[1, tok_ld], jnp.iinfo(jnp.int32).max)  # unmasked stretch
         blk_begin, blk_end = _block_range(kv_lo, kv_hi, cfg.block_kv)
@@ -174,9 +180,27 @@ def _prefill_kernel(counts_ref, blocks_ref, bounds_ref, pt_ref, q_ref, kv_ref, o
     jax.lax.fori_loop(0, _num_items(used, p, programs), one_block, 0)
 
 
-def _decode_kernel(counts_ref, decodes_ref, pt_ref, q_ref, kv_ref, m_ref, l_ref, acc_ref, *, cfg, rows, sh,
-                   programs):
+def _decode_kernel(counts_ref, decodes_ref, pt_ref, q_ref, kv_ref, *refs, cfg, rows, sh, programs, write):
+    """Writes partials m, l, acc per decode item, split and kv head.
+
+    `write` (a 1-token bucket with a fused q/k/v: k's first head row in q): the launch also writes
+    token 0's k and v into the cache (aliased in and out), from program (kh, 0, 0), in place of an
+    XLA scatter and the fusion that stacks k and v for it.
+    """
     kh, split, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    new = None
+    if write is None:
+        m_ref, l_ref, acc_ref = refs
+    else:
+        slots_ref, m_ref, l_ref, acc_ref, kv_out_ref = refs
+        hcol = jnp.arange(sh.head_dim, dtype=jnp.int32)[None, :]  # [1, H]
+        slot = slots_ref[0]
+        k_new = q_ref[0, write + kh, hcol].astype(kv_out_ref.dtype)  # [1, H]
+        v_new = q_ref[0, write + sh.num_kv_heads + kh, hcol].astype(kv_out_ref.dtype)
+        first = jnp.broadcast_to((split == 0) & (p == 0), (1, sh.head_dim))
+        plgpu.store(kv_out_ref.at[0, slot, kh, hcol], k_new, mask=first)
+        plgpu.store(kv_out_ref.at[1, slot, kh, hcol], v_new, mask=first)
+        new = (slot, k_new, v_new)
     r = jnp.arange(rows, dtype=jnp.int32)
     valid = r < sh.group  # rows past G pad the dot to Triton's minimum
     g_ld = jnp.minimum(r, sh.group - 1)[:, None]
@@ -188,7 +212,8 @@ def _decode_kernel(counts_ref, decodes_ref, pt_ref, q_ref, kv_ref, m_ref, l_ref,
         d = p + i * programs
         row, tok = decodes_ref[plan_lib.D_ROW, d], decodes_ref[plan_lib.D_TOK, d]
         kv_lo, kv_hi = decodes_ref[plan_lib.D_KV_LO, d], decodes_ref[plan_lib.D_KV_HI, d]
-        q = plgpu.load(q_ref.at[jnp.minimum(tok, sh.num_tokens - 1), kh, g_ld, col], mask=valid_2d, other=0)
+        q = plgpu.load(q_ref.at[jnp.minimum(tok, sh.num_tokens - 1), kh * sh.group + g_ld, col], mask=valid_2d,
+                      other=0)  # [M, H]
         # This program's share of the context: whole blocks, at least min_split_blocks of them.
         blk_begin, blk_end = _block_range(kv_lo, kv_hi, cfg.block_kv)
         per = jnp.maximum((blk_end - blk_begin + cfg.num_splits - 1) // cfg.num_splits, cfg.min_split_blocks)
@@ -196,7 +221,7 @@ def _decode_kernel(counts_ref, decodes_ref, pt_ref, q_ref, kv_ref, m_ref, l_ref,
         s_end = jnp.minimum(s_begin + per, blk_end)
         row_lo, row_hi = jnp.full((rows,), kv_lo, jnp.int32), jnp.full((rows,), kv_hi, jnp.int32)
         m, l, acc = _attend(q, row_lo, row_hi, kv_lo, kv_hi, s_begin, s_end, row, kh, pt_ref, kv_ref,
-                            block_kv=cfg.block_kv, prefetch=cfg.prefetch_pages, sh=sh)
+                            block_kv=cfg.block_kv, prefetch=cfg.prefetch_pages, sh=sh, new=new)
         plgpu.store(m_ref.at[d, split, kh, g_st], m, mask=valid)
         plgpu.store(l_ref.at[d, split, kh, g_st], l, mask=valid)
         plgpu.store(acc_ref.at[d, split, kh, g_st[:, None], col], acc, mask=valid_2d)
@@ -206,40 +231,53 @@ def _decode_kernel(counts_ref, decodes_ref, pt_ref, q_ref, kv_ref, m_ref, l_ref,
 
 
 def prefill_attention(plan, page_table, q, kv_flat, *, cfg: PrefillBlocks, sh: Shapes, interpret: bool):
-    """q [T, K, G, H], kv_flat [2, P*S, K, H] -> out [T, K, G, H] (rows of decode items unwritten)."""
+    """q [T, N(+2K), H], kv_flat [2, P*S, K, H] -> out [T, K, G, H] (rows of decode items unwritten)."""
     # Persistent beyond cfg.programs: program p runs blocks p, p + n, ... of the used ones.
     programs = min(plan.blocks.shape[1], -(-cfg.programs // sh.num_kv_heads))
     kernel = functools.partial(_prefill_kernel, cfg=cfg, sh=sh, programs=programs)
     return pl.pallas_call(
         kernel,
         grid=(sh.num_kv_heads, programs),  # kv heads vary fastest: a block's heads run side by side
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=jax.ShapeDtypeStruct((sh.num_tokens, sh.num_kv_heads, sh.group, sh.head_dim), q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="rpa_gpu_prefill",
     )(plan.counts, plan.blocks, plan.bounds, page_table, q, kv_flat)
 
 
-def decode_attention(plan, page_table, q, kv_flat, *, cfg: DecodeBlocks, sh: Shapes, interpret: bool):
-    """-> partials m, l [ND, splits, K, G] and acc [ND, splits, K, G, H], float32 (see combine)."""
+def decode_attention(plan, page_table, q, kv_flat, *, cfg: DecodeBlocks, sh: Shapes, interpret: bool,
+                     write: int | None = None, slot_mapping: jax.Array | None = None):
+    """-> partials m, l [ND, splits, K, G] and acc [ND, splits, K, G, H], float32 (see combine).
+
+    `write`: q is a fused [1, N + 2K, H] whose k rows start at head `write`; token 0's k/v go into
+    the cache at slot_mapping[0], and the new kv_flat comes back as a fourth output (donated in).
+    """
     nd = plan.decodes.shape[1]
     cfg = cfg.for_items(nd, sh.num_kv_heads)
     rows = max(16, sh.group_pow2)
     programs = min(nd, -(-cfg.programs // (sh.num_kv_heads * cfg.num_splits)))
-    kernel = functools.partial(_decode_kernel, cfg=cfg, rows=rows, sh=sh, programs=programs)
+    kernel = functools.partial(_decode_kernel, cfg=cfg, rows=rows, sh=sh, programs=programs, write=write)
     part = (nd, cfg.num_splits, sh.num_kv_heads, sh.group)
+    out_shape = (
+        jax.ShapeDtypeStruct(part, jnp.float32),
+        jax.ShapeDtypeStruct(part, jnp.float32),
+        jax.ShapeDtypeStruct((*part, sh.head_dim), jnp.float32),
+    )
+    args, aliases = (plan.counts, plan.decodes, page_table, q, kv_flat), {}
+    if write is not None:
+        if sh.num_tokens != 1:
+            raise ValueError("the decode kernel writes the cache only in a 1-token bucket")
+        out_shape += (jax.ShapeDtypeStruct(kv_flat.shape, kv_flat.dtype),)
+        args, aliases = args + (slot_mapping,), {4: 3}
     return pl.pallas_call(
         kernel,
         grid=(sh.num_kv_heads, cfg.num_splits, programs),
-        out_shape=(
-            jax.ShapeDtypeStruct(part, jnp.float32),
-            jax.ShapeDtypeStruct(part, jnp.float32),
-            jax.ShapeDtypeStruct((*part, sh.head_dim), jnp.float32),
-        ),
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="rpa_gpu_decode",
-    )(plan.counts, plan.decodes, page_table, q, kv_flat)
+    )(*args)
 
 
 def _merge_kernel(counts_ref, m_ref, l_ref, acc_ref, o_ref, *, splits, rows, cols, sh):

@@ -112,6 +112,29 @@ def test_interpreted_kernel_matches_oracle(dtype, page_size, k_heads, group, win
     np.testing.assert_array_equal(np.asarray(new_cache, np.float32), np.asarray(want_cache, np.float32))
 
 
+def test_fused_qkv_gives_the_same_output():
+    """q passed as the fused projection [T, N + 2K, H] (num_q_heads=N, as the fused model does): the
+    kernels read its first N heads in place, in a mixed step and in a 1-token bucket."""
+    rng = np.random.default_rng()
+    page_size, h, k_heads, group = 4, 16, 2, 3
+    for num_tokens, requests in ((24, [(int(rng.integers(30, 90)), 1), (5, 9), (0, 6)]),
+                                 (1, [(int(rng.integers(1, 90)), 1)])):
+        engine = TinyPagedEngine(num_pages=NUM_PAGES, page_size=page_size, seed=int(rng.integers(1 << 31)))
+        step = _step(rng, engine, requests, num_tokens=num_tokens, num_rows=4, max_pages=32)
+        q, k, v, cache = _inputs(rng, num_tokens, k_heads * group, k_heads, h, page_size, jnp.float32)
+        fn = _jitted(ragged_paged_attention_gpu, h**-0.5, None, None, interpret=True, block_sizes=INTERPRET)
+        want, want_cache = fn(q, k, v, cache, step.md)
+        fused_fn = _jitted(ragged_paged_attention_gpu, h**-0.5, None, None, interpret=True, block_sizes=INTERPRET,
+                           num_q_heads=k_heads * group)
+        got, got_cache = fused_fn(jnp.concatenate([q, k, v], axis=1), k, v, cache, step.md)
+        assert got.shape == q.shape
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        np.testing.assert_array_equal(np.asarray(got_cache), np.asarray(want_cache))
+        ref = _jitted(ragged_paged_attention, h**-0.5, None, None, num_q_heads=k_heads * group)
+        np.testing.assert_allclose(np.asarray(ref(jnp.concatenate([q, k, v], axis=1), k, v, cache, step.md)[0]),
+                                   np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
 def test_plan_keeps_padding_out_of_a_lone_decode():
     """One decode then padding sent to an empty row (the runner's layout of a single stream in a
     16-token bucket): one decode item over the whole context and no prefill block."""
@@ -246,15 +269,21 @@ def test_compiled_kernel_matches_reference_on_gpu(dtype, window, cap):
 
 @pytest.mark.gpu
 @on_gpu
-@pytest.mark.parametrize("window", [None, 700])
-def test_compiled_lone_decode_matches_reference_on_gpu(window):
-    """The 1-token bucket at Llama-8B attention shapes: the tuned sizes widen to 16 splits."""
+@pytest.mark.parametrize("window,fused", [(None, False), (700, False), (None, True)])
+def test_compiled_lone_decode_matches_reference_on_gpu(window, fused):
+    """The 1-token bucket at Llama-8B attention shapes: the tuned sizes widen to 16 splits. Fused:
+    q/k/v as one array, so the decode kernel writes the cache itself."""
     rng = np.random.default_rng()
     page_size, h, num_pages = 16, 128, 400
     engine = TinyPagedEngine(num_pages=num_pages, page_size=page_size, seed=int(rng.integers(1 << 31)))
     step = _step(rng, engine, [(int(rng.integers(1, 3000)), 1)], num_tokens=1, num_rows=8, max_pages=256)
     q, k, v, cache = _inputs(rng, 1, 32, 8, h, page_size, jnp.bfloat16, num_pages)
-    out, new_cache = _jitted(ragged_paged_attention_gpu, h**-0.5, window, None)(q, k, v, cache, step.md)
+    if fused:
+        qkv = jnp.concatenate([q, k, v], axis=1)
+        fn = _jitted(ragged_paged_attention_gpu, h**-0.5, window, None, num_q_heads=32)
+        out, new_cache = fn(qkv, k, v, cache, step.md)
+    else:
+        out, new_cache = _jitted(ragged_paged_attention_gpu, h**-0.5, window, None)(q, k, v, cache, step.md)
     want, want_cache = _jitted(ragged_paged_attention, h**-0.5, window, None)(q, k, v, cache, step.md)
     assert _rel_err(np.asarray(out, np.float32), np.asarray(want, np.float32)) < 1e-2
     np.testing.assert_array_equal(np.asarray(new_cache, np.float32), np.asarray(want_cache, np.float32))
