@@ -3,7 +3,8 @@
 Owns: the package's public names. Must not: pick itself for a platform (dispatch.py does).
 
 Same call and semantics as `ragged_paged_attention.reference.ragged_paged_attention`: the step's K/V
-are scattered into the cache (the reference's XLA scatter), then every token attends over its
+are scattered into the cache (the reference's XLA scatter; in a 1-token bucket of a fused q/k/v,
+`num_q_heads`, the decode kernel writes them itself), then every token attends over its
 request's KV positions [lo, hi), causal, with an optional sliding window and logit soft-cap. Mixed
 prefill and decode in one call, any GQA group, page sizes from 1 up, float32/bfloat16/float16 caches;
 head dims that are not a power of two >= 16 fall back to the reference.

@@ -4,7 +4,8 @@ Owns: the prefill kernel (a query block and kv head per step; finishes its softm
 output), the decode kernel (a decode token, KV split and kv head per step; writes
 flash-decoding partials) and the merge kernel (one decode token's splits, per kv head), with
 `combine`, the merge in plain JAX that the merge kernel is tested against. Must not: plan work
-(plan.py does) or write the cache.
+(plan.py does) or write the cache, except the decode kernel's write of a 1-token bucket's k/v
+(`write`), which the caller asks for in place of its scatter.
 
 Grids are static: at most `programs` programs (per the tuned sizes), each looping over the used
 entries of its work list (p, p + n, ...), so unused capacity costs one early exit, not a launch.
