@@ -1,4 +1,4 @@
-"""The two Pallas kernels (Triton lowering) of the GPU ragged paged attention, and their launches.
+"""The three Pallas kernels (Triton lowering) of the GPU ragged paged attention, and their launches.
 
 Owns: the prefill kernel (a query block and kv head per step; finishes its softmax and writes the
 output), the decode kernel (a decode token, KV split and kv head per step; writes
