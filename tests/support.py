@@ -22,6 +22,18 @@ CACHE = REPO / ".cache"
 JAX_CACHE = CACHE / "jax-tests"
 TOKENIZER_CACHE = CACHE / "tgx-tests" / "smollm2-tokenizer"
 
+# The engine flags of every engine process the tests start on the tiny Llama (e2e's `tgx serve`,
+# the RPC server, the launcher's and the profiler's): one set, so they all run the same programs and
+# only the first start compiles them; the others load them from JAX_CACHE.
+TINY_ENGINE_FLAGS = (
+    "--dtype", "float32",
+    "--max-batch-size", "16",
+    "--max-total-tokens", "256",
+    "--max-batch-prefill-tokens", "128",
+    "--max-batch-total-tokens", "4096",
+    "--max-top-n-tokens", "3",
+)  # fmt: skip
+
 
 def smollm2_gguf() -> pathlib.Path:
     """The embedded default model's GGUF, found without importing its package (it imports `llm`)."""
