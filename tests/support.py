@@ -2,14 +2,17 @@
 random Llama that uses SmolLM2's tokenizer and chat template.
 
 Owns: locating the installed GGUF, converting its tokenizer once per machine (about 20 s) into a
-cached directory that loads in a fraction of a second, writing the tiny checkpoint, and assembling
-the Gemma 3 270M GGUF (the second real model) once per machine. Must not:
+cached directory that loads in a fraction of a second, writing the tiny checkpoint, assembling
+the Gemma 3 270M GGUF (the second real model) once per machine, and sharing one metadata parse of
+each of those two GGUF files per process. Must not:
 import jax (router and RPC tests run without it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import pathlib
 import shutil
 import tempfile
@@ -18,6 +21,18 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
 JAX_CACHE = CACHE / "jax-tests"
 TOKENIZER_CACHE = CACHE / "tgx-tests" / "smollm2-tokenizer"
+
+# The engine flags of every engine process the tests start on the tiny Llama (e2e's `tgx serve`,
+# the RPC server, the launcher's and the profiler's): one set, so they all run the same programs and
+# only the first start compiles them; the others load them from JAX_CACHE.
+TINY_ENGINE_FLAGS = (
+    "--dtype", "float32",
+    "--max-batch-size", "16",
+    "--max-total-tokens", "256",
+    "--max-batch-prefill-tokens", "128",
+    "--max-batch-total-tokens", "4096",
+    "--max-top-n-tokens", "3",
+)  # fmt: skip
 
 
 def smollm2_gguf() -> pathlib.Path:
@@ -74,8 +89,6 @@ def build_tiny_llama(out: pathlib.Path) -> pathlib.Path:
     return out
 
 
-
-
 GEMMA3_DIR = CACHE / "tgx-tests" / "gemma3-270m"
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 
@@ -96,3 +109,38 @@ def gemma3_gguf() -> pathlib.Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def shared_gguf_reads():
+    """While open, gguf.GGUFReader parses the SmolLM2 and Gemma 3 files once each and hands every
+    later reader of the same unchanged file that parse.
+
+    One load_model of a GGUF parses its metadata three or four times (the engine's reader, the
+    tokenizer's, transformers' config and weight loaders each open their own), at about 3 s for
+    SmolLM2 and 20 s for Gemma 3's 262k-token vocabulary, and the tests load each file with both
+    the engine and transformers. A parse is a read-only view of the file, so sharing it changes
+    nothing any loader sees; other files (the truncated and foreign ones of test_loader) are
+    parsed as usual.
+    """
+    import gguf
+
+    shared = {str(smollm2_gguf().resolve()), str((GEMMA3_DIR / GEMMA3_GGUF).resolve())}
+    original = gguf.GGUFReader
+    parses: dict[tuple[str, int, int], object] = {}
+
+    def reader(path, mode="r"):
+        real = os.path.realpath(path)
+        if mode != "r" or real not in shared:
+            return original(path, mode)
+        st = os.stat(real)
+        key = (real, st.st_size, st.st_mtime_ns)
+        if key not in parses:
+            parses[key] = original(path, mode)
+        return parses[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original

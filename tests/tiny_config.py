@@ -30,7 +30,7 @@ def write_tiny_config(out: pathlib.Path) -> pathlib.Path:
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-5,
+        "rms_norm_eps": 1e-6,  # build_tiny_llama's (transformers' default): the same compiled programs
         "rope_theta": 10000.0,
         "tie_word_embeddings": True,
         "bos_token_id": 1,

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import JAX_CACHE, REPO as ROOT, build_tiny_llama
+from tests.support import JAX_CACHE, TINY_ENGINE_FLAGS, REPO as ROOT, build_tiny_llama
 
 
 def _free_port() -> int:
@@ -75,13 +75,9 @@ def server(tiny_model_dir, tmp_path_factory, otlp_collector):
     cmd = [
         sys.executable, "-m", "engine.cli", "serve",
         "--model-id", str(tiny_model_dir),
-        "--dtype", "float32",
+        *TINY_ENGINE_FLAGS,  # batch 16, 256 tokens, prefill 128, top-n 3
         "--hostname", "127.0.0.1",
         "--port", str(port),
-        "--max-batch-size", "16",
-        "--max-total-tokens", "256",
-        "--max-batch-prefill-tokens", "128",
-        "--max-top-n-tokens", "3",
         "--max-concurrent-requests", "256",
         "--otlp-endpoint", f"http://127.0.0.1:{otlp_collector.port}",
         "--compilation-cache-dir", str(JAX_CACHE),

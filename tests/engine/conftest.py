@@ -1,7 +1,8 @@
 """Shared fixtures for engine tests: the real SmolLM2 model (ours and transformers'), engine factories.
 
-Loading and compiling are the slow parts on CPU, so the loaded model is shared per session and
-compiled programs go to a persistent cache shared by every engine the tests build.
+Loading and compiling are the slow parts on CPU, so the loaded model is shared per session, the
+GGUF files' metadata is parsed once per session (tests.support.shared_gguf_reads), and compiled
+programs go to a persistent cache shared by every engine the tests build.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support import JAX_CACHE as CACHE_DIR
-from tests.support import smollm2_gguf
+from tests.support import shared_gguf_reads, smollm2_gguf
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -21,6 +22,12 @@ def _compilation_cache():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_gguf_reads():
+    with shared_gguf_reads():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -38,8 +38,9 @@ LONG = "Numbers, one after another: " + ", ".join(f"{n} is written {n:b} in bina
 
 @pytest.fixture(scope="module")
 def hf_config():
-    """transformers' reading of the file's metadata, done once for both loaders: gguf's reader takes
-    ~20 s over a 262k-token vocabulary, and the test would otherwise pay it three times."""
+    """transformers' reading of the file's metadata, done once for both loaders: even with the file's
+    parse shared (tests.support.shared_gguf_reads), turning its 262k-token vocabulary into config
+    values takes seconds each time."""
     from engine.models import metadata
     from engine.models.sources import resolve_model
 

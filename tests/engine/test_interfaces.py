@@ -13,8 +13,8 @@ from tests.engine.conftest import run_all
 from tests.support import JAX_CACHE, smollm2_gguf
 
 
-def test_async_streaming_matches_blocking_and_cancel_frees_pages(make_engine):
-    eng = make_engine(max_batch_size=4)
+def test_async_streaming_matches_blocking_and_cancel_frees_pages(engine):
+    eng = engine  # the session's: an engine of its own would compile ~40 programs for this one test
     prompt = eng.tokenizer("The three laws of robotics are")["input_ids"]
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     blocking = run_all(eng, [prompt], params)[0]

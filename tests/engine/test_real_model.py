@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
@@ -50,6 +51,13 @@ def test_greedy_matches_transformers(engine, hf_smollm2):
         assert got == want, f"prompt {engine.tokenizer.decode(ids)!r}: {got} != {want}"
 
 
+@pytest.fixture(scope="module")
+def chunked_engine(make_engine):
+    """Chunked prefill (32 tokens a step) with the 1-token bucket GPUs get; shared, since each engine
+    compiles its own forward programs (its sampler programs are the main engine's, from the cache)."""
+    return make_engine(max_batch_prefill_tokens=32, lone_decode_bucket=True)
+
+
 def _random_workload(engine, n: int, seed: int):
     rng = random.Random(seed)
     vocab = engine.loaded.config.vocab_size
@@ -62,7 +70,7 @@ def _random_workload(engine, n: int, seed: int):
     return prompts, params
 
 
-def test_batch_invariance_and_chunked_prefill(engine, make_engine):
+def test_batch_invariance_and_chunked_prefill(engine, chunked_engine):
     seed = random.randrange(1 << 30)
     prompts, params = _random_workload(engine, 16, seed=seed)
     together = run_all(engine, prompts, params)
@@ -75,7 +83,6 @@ def test_batch_invariance_and_chunked_prefill(engine, make_engine):
     ]
     # Chunked, and with the 1-token bucket GPUs get: the tail of the run and a request run alone
     # decode one request at a time in it.
-    chunked_engine = make_engine(max_batch_prefill_tokens=32, lone_decode_bucket=True)
     assert chunked_engine.limits.token_buckets == (1, 16, 32, 64)
     chunked = run_all(chunked_engine, prompts, params)
     assert chunked == together
@@ -141,7 +148,9 @@ def test_no_recompilation_after_warmup(engine):
 
 
 def test_no_page_leaks_with_preemption_stops_and_cancels(make_engine, engine):
-    small = make_engine(max_batch_total_tokens=640, max_total_tokens=256, max_batch_prefill_tokens=64)
+    # Only the KV pool is small. max_total_tokens stays the main engine's (no request here comes near
+    # it) so that the sampler programs, which depend on it, load from the cache instead of compiling.
+    small = make_engine(max_batch_total_tokens=640, max_batch_prefill_tokens=64)
     prompts, _ = _random_workload(small, 14, seed=11)
     prompts = [p[:64] for p in prompts]
     params = [SamplingParams(max_new_tokens=40, ignore_eos=True) for _ in prompts]
@@ -178,14 +187,16 @@ def test_no_page_leaks_with_preemption_stops_and_cancels(make_engine, engine):
     assert tok.decode(tokens[reqs[5].request_id]).endswith("Paris")
 
 
-def test_prompt_logprobs_match_transformers_and_logit_bias(make_engine, engine, hf_smollm2):
+def test_prompt_logprobs_match_transformers_and_logit_bias(chunked_engine, engine, hf_smollm2):
     tok = engine.tokenizer
-    ids = tok("The quick brown fox jumps over the lazy dog because it was")["input_ids"]
+    text = ("The quick brown fox jumps over the lazy dog because it was tired of running, so it lay down "
+            "in the warm grass by the old stone wall and watched the clouds drift across the sky")
+    ids = tok(text)["input_ids"]
+    assert 32 < len(ids) <= 64  # one chunk in the main engine, two in chunked_engine
     with torch.no_grad():
         logits = hf_smollm2(torch.tensor([ids])).logits[0].float()
     want = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
-    chunked = make_engine(max_batch_prefill_tokens=16)  # the prompt spans two prefill chunks
-    for eng in (engine, chunked):
+    for eng in (engine, chunked_engine):
         req = eng.add_request(ids, SamplingParams(max_new_tokens=2, prompt_logprobs=True))
         first = None
         while eng.has_unfinished():

@@ -14,15 +14,7 @@ import sys
 import time
 
 from tests.support import JAX_CACHE, REPO, build_tiny_llama, smollm2_tokenizer_dir  # noqa: F401 (re-exported)
-
-SERVER_FLAGS = (
-    "--dtype", "float32",
-    "--max-batch-size", "8",
-    "--max-total-tokens", "128",
-    "--max-batch-prefill-tokens", "64",
-    "--max-batch-total-tokens", "1024",
-    "--max-top-n-tokens", "2",
-)  # fmt: skip
+from tests.support import TINY_ENGINE_FLAGS as SERVER_FLAGS  # batch 16, 256 tokens, prefill 128, top-n 3
 
 
 def server_env() -> dict[str, str]:

@@ -58,13 +58,9 @@ def test_bad_engine_flag_fails_before_starting_anything():
     assert "engine process started" not in result.stderr
 
 
-@pytest.fixture
-def launched(tmp_path):
-    """`tgx serve` on the tiny model with the stand-in router.
-
-    Yields (launcher process, engine pid, what the router recorded, launcher stderr path).
-    """
-    model = build_tiny_llama(tmp_path / "model")
+def _launch(model, tmp_path):
+    """Starts `tgx serve` on `model` with the stand-in router; returns (launcher process, where the
+    router records itself, launcher stderr path)."""
     (tmp_path / "fake_router.py").write_text(FAKE_ROUTER)
     out, err = tmp_path / "router.json", tmp_path / "launcher.err"
     env = {**server_env(), "FAKE_ROUTER_OUT": str(out)}
@@ -77,6 +73,41 @@ def launched(tmp_path):
     ]  # fmt: skip
     with open(err, "wb") as err_file:
         proc = subprocess.Popen([sys.executable, "-c", code, *argv], cwd=REPO, env=env, stderr=err_file)
+    return proc, out, err
+
+
+@pytest.fixture(scope="module")
+def _launches(tmp_path_factory):
+    """Launches for the tests below, each of which ends the one it gets. Two start together: their
+    start-ups (imports, loading, compiling) overlap, which on 2 cores costs about as much as one."""
+    model = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+    started = []
+
+    def start():
+        started.append(_launch(model, tmp_path_factory.mktemp("launch")))
+        return started[-1]
+
+    pool = [start(), start()]
+    try:
+        yield lambda: pool.pop(0) if pool else start()
+    finally:
+        for proc, _, _ in started:  # one no test took (say, under -k): SIGTERM stops its children too
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@pytest.fixture
+def launched(_launches):
+    """`tgx serve` on the tiny model with the stand-in router, not yet used by any test.
+
+    Yields (launcher process, engine pid, what the router recorded, launcher stderr path).
+    """
+    proc, out, err = _launches()
     try:
         deadline = time.monotonic() + 240
         while not (out.is_file() and out.stat().st_size):
@@ -95,7 +126,7 @@ def launched(tmp_path):
 def test_serve_starts_the_router_with_its_flags_and_exits_when_the_engine_dies(launched):
     proc, engine_pid, router, err = launched
     argv = router["argv"]
-    assert argv[argv.index("--port") + 1] == "0" and argv[argv.index("--max-top-n-tokens") + 1] == "2"
+    assert argv[argv.index("--port") + 1] == "0" and argv[argv.index("--max-top-n-tokens") + 1] == "3"
     assert argv[argv.index("--cors-allow-origin") + 1] == "https://a.example"
     assert router["api_key"] == "secret" and "secret" not in argv  # the key never shows in `ps`
     socket_path = argv[argv.index("--socket") + 1]

@@ -37,14 +37,26 @@ def _socket_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    sock, log = _socket_path(), tmp_path_factory.mktemp("server") / "server.log"
-    proc = start_server(tiny_model, sock, log)
+def _servers(tiny_model, tmp_path_factory):
+    """{"shared": the engine server this module's tests share, "doomed": the one
+    test_engine_death_fails_in_flight_requests kills}, as (process, socket path). Started together:
+    their start-ups overlap, which on 2 cores costs about as much as one."""
+    started = {}
     try:
-        wait_for_socket(proc, sock, log)
-        yield sock
+        for name in ("shared", "doomed"):
+            sock, log = _socket_path(), tmp_path_factory.mktemp(name) / "server.log"
+            started[name] = (start_server(tiny_model, sock, log), sock, log)
+        for proc, sock, log in started.values():
+            wait_for_socket(proc, sock, log)
+        yield {name: (proc, sock) for name, (proc, sock, _) in started.items()}
     finally:
-        stop(proc)
+        for proc, _, _ in started.values():
+            stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(_servers):
+    return _servers["shared"][1]
 
 
 @contextlib.asynccontextmanager
@@ -117,8 +129,8 @@ async def test_info_health_and_tokenize(server):
 
     async with remote(server) as engine:
         info = engine.info
-        assert (info.max_batch_size, info.max_total_tokens, info.max_batch_prefill_tokens) == (8, 128, 64)
-        assert info.max_top_n_tokens == 2 and info.vocab_size == 49152 and info.model_dtype == "float32"
+        assert (info.max_batch_size, info.max_total_tokens, info.max_batch_prefill_tokens) == (16, 256, 128)
+        assert info.max_top_n_tokens == 3 and info.vocab_size == 49152 and info.model_dtype == "float32"
         tok = AutoTokenizer.from_pretrained(info.tokenizer_dir)
         assert info.eos_token_ids == (tok.eos_token_id,)
         assert await engine.tokenize("Hello world") == tok("Hello world")["input_ids"]
@@ -136,9 +148,9 @@ def in_process_engine(tiny_model):
     JAX_CACHE.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(JAX_CACHE))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cfg = EngineConfig(
-        model_id=str(tiny_model), dtype="float32", max_batch_size=8, max_total_tokens=128,
-        max_batch_prefill_tokens=64, max_batch_total_tokens=1024, max_top_n_tokens=2,
+    cfg = EngineConfig(  # the server's (SERVER_FLAGS)
+        model_id=str(tiny_model), dtype="float32", max_batch_size=16, max_total_tokens=256,
+        max_batch_prefill_tokens=128, max_batch_total_tokens=4096, max_top_n_tokens=3,
     )  # fmt: skip
     return LLMEngine(cfg)
 
@@ -178,7 +190,7 @@ async def test_concurrent_requests_share_step_messages(server):
         # A second, raw subscriber sees exactly what crosses the socket: one message per engine step.
         raw = engine._stub.Events(pb.EventsRequest())
         await raw.read()  # the "subscribed" message
-        lengths = [5 + i for i in range(12)]  # 12 requests > max_batch_size 8: some wait their turn
+        lengths = [5 + i for i in range(20)]  # 20 requests > max_batch_size 16: some wait their turn
         results = await asyncio.gather(
             *(
                 collect(engine, [1, 2, 3 + i], SamplingParams(max_new_tokens=n, ignore_eos=True))
@@ -237,10 +249,10 @@ async def test_validation_errors_are_value_errors(server):
     from engine.sampling_params import SamplingParams
 
     async with remote(server) as engine:
-        with pytest.raises(ValueError, match=r"`inputs` tokens \+ `max_new_tokens` must be <= 128"):
+        with pytest.raises(ValueError, match=r"`inputs` tokens \+ `max_new_tokens` must be <= 256"):
             await collect(engine, "hi", SamplingParams(max_new_tokens=500))
-        with pytest.raises(ValueError, match=r"`top_n_tokens` must be >= 0 and <= 2"):
-            await collect(engine, "hi", SamplingParams(max_new_tokens=2, top_n_tokens=3))
+        with pytest.raises(ValueError, match=r"`top_n_tokens` must be >= 0 and <= 3"):
+            await collect(engine, "hi", SamplingParams(max_new_tokens=2, top_n_tokens=4))
         with pytest.raises(ValueError, match=r"token ids must be in \[0, 49152\)"):
             await collect(engine, [1, 10**6], SamplingParams(max_new_tokens=2))
         with pytest.raises(ValueError, match="cannot be empty"):
@@ -251,14 +263,12 @@ async def test_validation_errors_are_value_errors(server):
 
 
 @pytest.mark.asyncio
-async def test_engine_death_fails_in_flight_requests(tiny_model, tmp_path):
+async def test_engine_death_fails_in_flight_requests(_servers):
     from engine.rpc.client import EngineUnavailableError
     from engine.sampling_params import SamplingParams
 
-    sock, log = _socket_path(), tmp_path / "server.log"
-    proc = start_server(tiny_model, sock, log)
+    proc, sock = _servers["doomed"]
     try:
-        wait_for_socket(proc, sock, log)
         async with remote(sock) as engine:
             params = SamplingParams(max_new_tokens=118, ignore_eos=True)
             first = asyncio.Event()
