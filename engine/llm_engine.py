@@ -204,13 +204,16 @@ class LLMEngine:
         return loads.index(min(loads))
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        replica = self._replica_of.pop(request_id, None)
+        replica = self._replica_of.get(request_id)
         req = self.schedulers[replica].abort_request(request_id) if replica is not None else None
+        if req is None:
+            # Unknown, done, or ended by length when its last step launched (async steps): that
+            # step's output still ends the request, so its detokenizer stays for step() to use.
+            return None
+        self._replica_of.pop(request_id, None)
         self._detokenizers.pop(request_id, None)
         self._prompt_logprobs.pop(request_id, None)
         self._needs_sync.discard(request_id)
-        if req is None:
-            return None
         return self._output(req, (), "", FinishReason.CANCELLED, None)
 
     def has_unfinished(self) -> bool:
