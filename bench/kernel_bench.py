@@ -13,6 +13,7 @@ causal FLOP/s (2 x 2 x L^2 / 2 x N x H per request) against an 8192^3 bf16 matmu
     python bench/kernel_bench.py                  # tuned sizes vs reference, one table
     python bench/kernel_bench.py --sweep          # also time block-size variants (for tuning)
     python bench/kernel_bench.py --json-out r.json
+    python bench/kernel_bench.py --lone           # one request decoding alone, chained (tuning one stream)
     JAX_PLATFORMS=cpu python bench/kernel_bench.py --interpret --batch 4 --context 64 --prefill-len 64  # smoke
 """
 
@@ -259,6 +260,18 @@ def launch_floor(n_inner, repeats):
     return time_fn(jax.jit(chain), jnp.ones((4096,), jnp.float32), repeats=repeats, n_inner=n_inner) / CHAIN
 
 
+def _time_variant(timer, inputs, sizes: BlockSizes, label: str, scale: float, args):
+    """(seconds per call or None, inputs with the returned cache): `timer` (time_attention or
+    time_chain) over the kernel at `sizes`. A variant that does not compile is reported and skipped."""
+    attn = functools.partial(ragged_paged_attention_gpu, sm_scale=scale, block_sizes=sizes, interpret=args.interpret)
+    try:
+        seconds, cache = timer(attn, inputs, n_inner=args.n_inner, repeats=args.repeats)
+    except Exception as e:  # noqa: BLE001 - a variant that does not compile is skipped, loudly
+        print(f"  {label} failed: {type(e).__name__}: {str(e)[:200]}")
+        return None, inputs
+    return seconds, (*inputs[:3], cache, inputs[4])
+
+
 def lone_main(args, shape: Shape, tuned: BlockSizes) -> list[dict]:
     """--lone: one request decoding alone at a few contexts, the tuned sizes and SWEEP_LONE."""
     rows = []
@@ -272,15 +285,10 @@ def lone_main(args, shape: Shape, tuned: BlockSizes) -> list[dict]:
     for seed, ctx in enumerate(args.lone_contexts):
         inputs = case_inputs(shape, [(ctx - 1, 1)], num_tokens=1, num_rows=1, seed=seed)
         for impl, sizes in variants:
-            attn = functools.partial(ragged_paged_attention_gpu, sm_scale=scale, block_sizes=sizes,
-                                     interpret=args.interpret)
             label = _label(sizes, "bytes")
-            try:
-                seconds, cache = time_chain(attn, inputs, n_inner=args.n_inner, repeats=args.repeats)
-            except Exception as e:  # noqa: BLE001 - a variant that does not compile is skipped, loudly
-                print(f"  lone ctx={ctx:<6d} {label:28s} failed: {type(e).__name__}: {str(e)[:200]}")
+            seconds, inputs = _time_variant(time_chain, inputs, sizes, f"lone ctx={ctx:<6d} {label:28s}", scale, args)
+            if seconds is None:
                 continue
-            inputs = (*inputs[:3], cache, inputs[4])
             rows.append({"case": f"lone decode ctx={ctx}", "impl": impl, "sizes": label, "us": seconds * 1e6})
             print(f"  lone ctx={ctx:<6d} {impl:6s} {label:28s} {seconds * 1e6:8.2f} us", flush=True)
     return rows
@@ -341,15 +349,11 @@ def main() -> None:
         if args.sweep and kind != "time":
             variants += [("kernel", sizes) for sizes in sweep_variants(tuned, kind)]
         for impl, sizes in variants:
-            attn = functools.partial(ragged_paged_attention_gpu, sm_scale=scale, block_sizes=sizes,
-                                     interpret=args.interpret)
             label = _label(sizes, kind)
-            try:
-                seconds, cache = time_attention(attn, inputs, n_inner=args.n_inner, repeats=args.repeats)
-            except Exception as e:  # noqa: BLE001 - a variant that does not compile is skipped, loudly
-                print(f"  {case:32s} {impl:10s} {label:28s} failed: {type(e).__name__}: {str(e)[:200]}")
+            seconds, inputs = _time_variant(time_attention, inputs, sizes, f"{case:32s} {impl:10s} {label:28s}",
+                                            scale, args)
+            if seconds is None:
                 continue
-            inputs = (*inputs[:3], cache, inputs[4])
             record(case, impl, label, seconds, kind, amount)
         if args.sweep and case.startswith(f"decode B={args.batch} "):
             stages, cache = breakdown(inputs, tuned, scale, n_inner=args.n_inner, repeats=args.repeats,

@@ -59,11 +59,12 @@ def wait_for_socket(
         time.sleep(0.2)
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM, then SIGKILL if `proc` is still running after `timeout` seconds."""
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(20)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.rpc import JAX_CACHE, REPO, SERVER_FLAGS, build_tiny_llama, server_env
+from tests.rpc import JAX_CACHE, REPO, SERVER_FLAGS, build_tiny_llama, server_env, stop
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -92,13 +92,7 @@ def _launches(tmp_path_factory):
         yield lambda: pool.pop(0) if pool else start()
     finally:
         for proc, _, _ in started:  # one no test took (say, under -k): SIGTERM stops its children too
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop(proc, timeout=60)
 
 
 @pytest.fixture

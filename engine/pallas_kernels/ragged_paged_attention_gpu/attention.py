@@ -69,7 +69,8 @@ def ragged_paged_attention_gpu(
 
     `interpret=True` runs the kernels in Pallas' CPU interpreter (tests); `block_sizes` overrides the
     tuned table (benchmarks). `num_q_heads`: q is a fused projection [T, N + 2K, H] whose first N
-    heads are the queries; the kernels read them in place (no copy of q is made).
+    heads are the queries and whose last 2K are k and v; the kernels read q in place (no copy), and a
+    1-token bucket takes its k/v from there too.
     """
     t, n, h = q.shape[0], num_q_heads or q.shape[1], q.shape[2]
     _check_shapes(q, k, v, kv_cache, n)
