@@ -27,9 +27,10 @@ NEW_TOKENS = 8
 
 def _engine(model_dir, tp: int, dp: int = 1) -> LLMEngine:
     cfg = EngineConfig(
-        model_id=str(model_dir), dtype="float32", max_batch_size=4, max_batch_prefill_tokens=64,
+        model_id=str(model_dir), dtype="float32", max_batch_size=4, max_batch_prefill_tokens=60,
         max_total_tokens=64, max_batch_total_tokens=512, page_size=4, max_top_n_tokens=0,
-        enable_prefill_logprobs=False, min_token_bucket=64,  # one token bucket: compiles are the cost here
+        # 60 prompt + 4 decode tokens a step: one token bucket (64), as compiles are the cost here.
+        enable_prefill_logprobs=False, min_token_bucket=64,
         sharding=ShardingConfig(tensor_parallel=tp, data_parallel=dp),
     )
     return LLMEngine(cfg)
