@@ -28,9 +28,9 @@ from engine.api import EngineInfo, GeneratedToken, RequestOutput, TokenLogprob
 from engine.config import EngineConfig, Limits
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheGroup, KVCacheGroups, PageAllocator
-from engine.models.base import set_attention_fn
+from engine.models.base import set_attention_fn, set_row_gemv
 from engine.models.loader import LoadedModel
-from engine.pallas_kernels.dispatch import attention_fn_for
+from engine.pallas_kernels.dispatch import attention_fn_for, row_gemv_for
 from engine.profiling import phase
 from engine.request import FinishReason, Request
 from engine.runner import ModelRunner, Pending, Progress, StepOutput
@@ -102,6 +102,9 @@ class LLMEngine:
         if self.mesh is not None:
             attention_fn = shard_attention(attention_fn, self.mesh)
         set_attention_fn(loaded.model, attention_fn)
+        # Only on one device: the one-row GEMV needs fused projections, which a mesh never has.
+        if self.mesh is None and set_row_gemv(loaded.model, row_gemv_for(backend=cfg.attention_backend)):
+            log.info("one-row steps: fused GEMV kernels")
         self.runner = ModelRunner(
             loaded.model,
             self.limits,

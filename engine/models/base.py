@@ -1,6 +1,7 @@
 """The model protocol: what the runner, loader and tests may rely on from any causal LM port.
 
-Owns: the `CausalLM` and `AttentionFn` interfaces. Must not: implement a model or import one.
+Owns: the `CausalLM`, `AttentionFn` and `RowGemvFn` interfaces. Must not: implement a model or
+import one.
 
 A step runs the flat, padded stream of T tokens of the attention ABI (see
 engine.pallas_kernels.ragged_paged_attention.metadata); positions come from `md.positions`.
@@ -37,6 +38,28 @@ class AttentionFn(Protocol):
     ) -> tuple[jax.Array, jax.Array]: ...  # out [T, N, H] in q's dtype, new kv_cache
 
 
+class RowGemvFn(Protocol):
+    """A one-row projection with the work around it fused in (engine.pallas_kernels.gemv_gpu):
+    epilogue(W x) where the epilogue scales by a folded norm's 1/rms of x (rms_eps), adds bias,
+    applies act(gate) * up to [gate; up] rows (act) or rope to the leading rope_heads heads of a
+    fused q/k/v, then adds a residual."""
+
+    def supports(self, n: int, k: int, *, gated: bool = False, rope_dim: int | None = None) -> bool: ...
+
+    def __call__(
+        self,
+        x: jax.Array,  # [1, K]
+        w: jax.Array,  # [N, K]
+        *,
+        residual: jax.Array | None = None,  # [1, N] (gated: [1, N / 2])
+        bias: jax.Array | None = None,  # [N]
+        rms_eps: float | None = None,
+        act=None,
+        rope: tuple[jax.Array, jax.Array] | None = None,  # cos, sin [1, H] float32
+        rope_heads: int | None = None,
+    ) -> jax.Array: ...  # [1, N] (gated: [1, N / 2]) in x's dtype
+
+
 @runtime_checkable
 class CausalLM(Protocol):
     config: ModelConfig
@@ -63,4 +86,15 @@ def set_attention_fn(model: nnx.Module, attention_fn: AttentionFn) -> int:
         if isinstance(node, nnx.Module) and hasattr(node, "attention_fn"):
             node.attention_fn = attention_fn
             count += 1
+    return count
+
+
+def set_row_gemv(model: nnx.Module, row_gemv: RowGemvFn | None) -> int:
+    """Points every decoder layer of `model` that can run a one-row step on `row_gemv` at it (None:
+    XLA's dots). Static, like set_attention_fn. Returns how many layers took it."""
+    count = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module) and hasattr(node, "row_gemv"):
+            node.row_gemv = row_gemv if node.can_run_row_gemv(row_gemv) else None
+            count += node.row_gemv is not None
     return count

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from engine.models.base import AttentionFn
+from engine.models.base import AttentionFn, RowGemvFn
 from engine.models.config import ModelConfig
 from engine.models.layers.attention import Attention
 from engine.models.layers.embed import Embed, vocab_logits
@@ -52,10 +52,49 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, act=c.hidden_act, use_bias=c.mlp_bias,
                                 dtype=dtype, rngs=rngs, fused=c.fused_gate_up)
+        # Static, set by engine.models.base.set_row_gemv where can_run_row_gemv holds.
+        self.row_gemv: RowGemvFn | None = None
+
+    def can_run_row_gemv(self, row_gemv: RowGemvFn | None) -> bool:
+        """Whether `row_gemv` can run this layer's one-row steps: norms folded into a fused q/k/v
+        (no q/k norms) and a fused dense gate/up, no sandwich norms, and every weight tiles."""
+        attn, mlp = self.self_attn, self.mlp
+        if row_gemv is None or not (self.fold_attn and self.fold_mlp) or self.sandwich_norms:
+            return False
+        if not (attn.fused_qkv and not attn.qk_norm and isinstance(mlp, GatedMLP) and mlp.fused):
+            return False
+        projections = ((attn.qkv_proj, False), (attn.o_proj, False), (mlp.gate_up_proj, True), (mlp.down_proj, False))
+        return all(row_gemv.supports(*p.weight.get_value().shape, gated=gated) for p, gated in projections)
+
+    def _one_row(self, x, rope, kv_cache, md):
+        """A step of one row (a lone decode) on the fused GEMVs: each norm's 1/rms, rope, both
+        residual adds and act(gate) x up run inside the four projections, so the attention's decode
+        and merge kernels are the layer's only other launches (each of those was a launch of
+        1.3-1.7 us in a launch-bound step)."""
+        attn, mlp, gemv = self.self_attn, self.mlp, self.row_gemv
+
+        def bias(p):
+            return None if p.bias is None else p.bias[...]
+
+        with jax.named_scope("attention"):
+            w = attn.qkv_proj.weight[...]  # [(N + 2K) * H, D]
+            # Rope inside the projection where it turns whole heads (not a partial rotary).
+            turn = rope[0].shape[-1] == attn.head_dim and gemv.supports(*w.shape, rope_dim=attn.head_dim)
+            qkv = gemv(x, w, bias=bias(attn.qkv_proj), rms_eps=self.input_layernorm.eps, rope=rope if turn else None,
+                       rope_heads=attn.num_heads + attn.num_kv_heads if turn else None)  # [1, (N + 2K) * H]
+            out, kv_cache = attn.attend_fused(qkv, None if turn else rope, kv_cache, md)  # [1, N * H]
+            x = gemv(out, attn.o_proj.weight[...], bias=bias(attn.o_proj), residual=x)  # [1, D]
+        with jax.named_scope("mlp"):
+            up = gemv(x, mlp.gate_up_proj.weight[...], bias=bias(mlp.gate_up_proj),
+                      rms_eps=self.post_attention_layernorm.eps, act=mlp.act)  # [1, F]
+            x = gemv(up, mlp.down_proj.weight[...], bias=bias(mlp.down_proj), residual=x)  # [1, D]
+        return x, kv_cache
 
     def __call__(
         self, x: jax.Array, rope: tuple[jax.Array, jax.Array], kv_cache: jax.Array, md: AttentionMetadata
     ) -> tuple[jax.Array, jax.Array]:  # x [T, D] -> ([T, D], new cache)
+        if self.row_gemv is not None and x.shape[0] == 1:
+            return self._one_row(x, rope, kv_cache, md)
         if self.fold_attn:
             attn, kv_cache = self.self_attn(x, rope, kv_cache, md, self.input_layernorm.row_scale(x))
         else:

@@ -78,15 +78,23 @@ class Attention(nnx.Module):
             return self.o_proj(out.reshape(t, -1)), kv_cache  # [T, D]
 
     def _fused(self, x, rope, kv_cache, md, row_scale):
-        """q/k/v as one array throughout: rope runs over all of its heads at once (v's kept as they
+        out, kv_cache = self.attend_fused(self.qkv_proj(x, row_scale), rope, kv_cache, md)
+        return self.o_proj(out), kv_cache  # [T, D]
+
+    def attend_fused(self, qkv, rope, kv_cache, md):
+        """qkv [T, (N + 2K) * H], the fused projection's output -> (attention output [T, N * H]
+        before o_proj, new cache). rope None: q and k are already rotated.
+
+        q/k/v stay one array throughout: rope runs over all of its heads at once (v's kept as they
         were) and the attention reads q in place. At one row each slice of q/k/v otherwise costs a
         launch of its own (a lone decode is launch bound: bench/RESULTS.md)."""
-        t, n, kh = x.shape[0], self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(x, row_scale).reshape(t, n + 2 * kh, self.head_dim)  # [T, N + 2K, H]
-        is_v = jnp.arange(n + 2 * kh) >= n + kh  # [N + 2K]
-        qkv = jnp.where(is_v[None, :, None], qkv, apply_rope(qkv, *rope))
+        t, n, kh = qkv.shape[0], self.num_heads, self.num_kv_heads
+        qkv = qkv.reshape(t, n + 2 * kh, self.head_dim)  # [T, N + 2K, H]
+        if rope is not None:  # None: the projection already turned q and k
+            is_v = jnp.arange(n + 2 * kh) >= n + kh  # [N + 2K]
+            qkv = jnp.where(is_v[None, :, None], qkv, apply_rope(qkv, *rope))
         out, kv_cache = self.attention_fn(
             qkv, qkv[:, n:n + kh], qkv[:, n + kh:], kv_cache, md.for_group(self.kv_group), sm_scale=self.sm_scale,
             sliding_window=self.sliding_window, soft_cap=self.soft_cap, num_q_heads=n,
         )  # [T, N, H]
-        return self.o_proj(out.reshape(t, -1)), kv_cache  # [T, D]
+        return out.reshape(t, -1), kv_cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from engine.models.base import set_row_gemv  # noqa: E402
 from engine.models.config import ModelConfig  # noqa: E402
 from engine.models.fuse import fold_norms, fuse_tensors, fused_config  # noqa: E402
 from engine.models.params import assign_params, named_params  # noqa: E402
@@ -28,6 +30,7 @@ from engine.models.registry import (  # noqa: E402
     config_from_hf,
     is_supported,
 )
+from engine.pallas_kernels.gemv_gpu import RowGemv  # noqa: E402
 from engine.pallas_kernels.ragged_paged_attention.metadata import kv_cache_shape  # noqa: E402
 from tests.engine.models.paged import TinyPagedEngine, model_step_fn  # noqa: E402
 
@@ -153,6 +156,41 @@ def test_fused_projections_match_transformers(variant):
     assert {layer + "self_attn.qkv_proj.weight", layer + "mlp.gate_up_proj.weight"} <= names
     assert (layer + "self_attn.qkv_proj.bias" in names) == config.attention_bias
     _check_parity(model, config, *_prompts_and_hf(hf_model, config))
+
+
+# A lone decode on one GPU: each layer's one-row step on the fused GEMV kernel (interpreted here),
+# which takes the folded norms' 1/rms, rope, the residual adds and SiLU x up; Qwen2 adds q/k/v biases.
+@pytest.mark.parametrize("variant", ["llama3.1", "qwen2"])
+def test_one_row_steps_on_the_gemv_kernel_match_transformers(variant):
+    hf_model = _hf_model(variant)
+    config, model = _ours(hf_model, fuse=True)
+    assert set_row_gemv(model, RowGemv(interpret=True)) == config.num_layers
+    prompt = np.random.default_rng(3).integers(1, config.vocab_size, 13).tolist()
+    prefill, tokens, step_logits = _hf_greedy(hf_model, prompt)
+    step_fn = model_step_fn(model)
+    engine = TinyPagedEngine(num_pages=NUM_PAGES, page_size=PAGE_SIZE, seed=4)
+    caches = tuple(jnp.zeros(kv_cache_shape(NUM_PAGES, PAGE_SIZE, config.num_kv_heads, config.head_dim))
+                   for _ in range(config.num_layers))
+    step = engine.step([(0, prompt)], num_tokens=16, num_rows=2, max_pages=12)
+    assert "gemv" not in str(jax.make_jaxpr(step_fn)(step.input_ids, caches, step.md))  # 16 rows: XLA
+    logits, caches = step_fn(step.input_ids, caches, step.md)
+    assert _rel(np.asarray(logits)[step.token_index[0]], prefill) < 1e-4
+    for d in range(6):
+        step = engine.step([(0, [tokens[d]])], num_tokens=1, num_rows=2, max_pages=12)
+        if d == 0:  # four launches a layer, rope inside the q/k/v one
+            jaxpr = str(jax.make_jaxpr(step_fn)(step.input_ids, caches, step.md))
+            assert jaxpr.count("name=gemv") >= 4 * config.num_layers
+            assert "name=gemv_rope" in jaxpr and "name=gemv_gated" in jaxpr
+        logits, caches = step_fn(step.input_ids, caches, step.md)
+        assert _rel(np.asarray(logits)[0], step_logits[d + 1]) < 1e-4, f"decode {d}"
+
+
+@pytest.mark.parametrize("variant,layers", [("qwen3", 0), ("gemma3", 0), ("llama3.1", 2)])
+def test_row_gemv_only_where_a_layer_fits_it(variant, layers):
+    """q/k norms (Qwen3) and sandwich norms (Gemma 3) keep XLA's dots; so does an unfused model."""
+    config, model = _ours(_hf_model(variant), fuse=True)
+    assert set_row_gemv(model, RowGemv(interpret=True)) == layers
+    assert set_row_gemv(_ours(_hf_model(variant))[1], RowGemv(interpret=True)) == 0
 
 
 def _prompts_and_hf(hf_model, config, lengths=(11, 5, 19)):
