@@ -65,8 +65,15 @@ def test_random_weights_fuse_to_the_same_model(tmp_path):
     _assert_fused_from(fused_params, plain_params, plain.config.num_layers)
 
 
-def test_fused_engine_from_a_checkpoint_matches_transformers(tmp_path):
-    """The engine as one GPU runs it (fused, with the 1-token bucket), loading the checkpoint itself."""
+@pytest.mark.parametrize("row_gemv", [False, True])
+def test_fused_engine_from_a_checkpoint_matches_transformers(tmp_path, monkeypatch, row_gemv):
+    """The engine as one GPU runs it (fused, with the 1-token bucket), loading the checkpoint itself;
+    row_gemv: its lone decodes on the fused GEMV kernel, as on a GPU (interpreted here)."""
+    if row_gemv:
+        from engine import llm_engine
+        from engine.pallas_kernels.gemv_gpu import RowGemv
+
+        monkeypatch.setattr(llm_engine, "row_gemv_for", lambda backend=None: RowGemv(interpret=True))
     hf = _save_model(tmp_path, "qwen2")
     engine = LLMEngine(EngineConfig(
         model_id=str(tmp_path), dtype="float32", max_batch_size=4, max_batch_prefill_tokens=32,
@@ -75,6 +82,8 @@ def test_fused_engine_from_a_checkpoint_matches_transformers(tmp_path):
     ))
     assert engine.loaded.config.fused_qkv and engine.limits.token_buckets[0] == 1
     assert "model.layers.0.self_attn.qkv_proj.weight" in named_params(engine.loaded.model)
+    layers = engine.loaded.model.model.layers
+    assert all((layer.row_gemv is not None) == row_gemv for layer in layers)
     rng = np.random.default_rng(5)
     prompts = [rng.integers(5, VOCAB, size=n).tolist() for n in (40, 7, 23)]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)

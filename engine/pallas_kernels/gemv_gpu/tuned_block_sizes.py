@@ -6,7 +6,7 @@ bench/RESULTS.md) or import jax.
 
 Rules the kernel relies on: block_n and block_k are powers of two; block_k divides K and block_n
 divides the output rows (of a paired weight: the pairing's offset, see Pairing). Shapes not in the
-table take the largest block_k up to 512 that divides K and block_n 16 or 8, or no tiling at all
+table take the largest block_k up to 512 that divides K and block_n 16, 8 or 4, or no tiling at all
 (the caller then runs XLA's dot).
 """
 
@@ -76,7 +76,7 @@ def blocks_for(n: int, k: int, *, gated: bool = False, rope_dim: int | None = No
     block_k = next((b for b in (512, 256, 128, 64, 32, 16) if k % b == 0), None)
     if block_k is None:
         return None
-    for block_n in (16, 8):
+    for block_n in (16, 8, 4):
         blocks = GemvBlocks(block_n, block_k, num_warps=4 if block_k <= 256 else 8, num_stages=3)
         if fits(n, k, blocks, pairing):
             return blocks

@@ -74,7 +74,7 @@ def test_interpreted_kernel_matches_reference(epilogue, dtype, tol, n, k, blocks
 
 def test_row_gemv_refuses_a_weight_no_tiling_fits():
     row = RowGemv(interpret=True)
-    assert row.supports(64, 96) and not row.supports(64, 100) and not row.supports(12, 64)
+    assert row.supports(64, 96) and not row.supports(64, 100) and not row.supports(6, 64)
     with pytest.raises(ValueError, match="no GEMV tiling"):
         row(jnp.ones((1, 100)), jnp.ones((64, 100)))
     with pytest.raises(ValueError, match="one row"):
@@ -87,9 +87,10 @@ def test_tilings():
     assert blocks_for(4096, 14336, device_kind=h100) == GemvBlocks(8, 512, 4, 3)
     assert blocks_for(4096, 14336, device_kind="NVIDIA A100") == GemvBlocks(16, 512, 8, 3)  # untuned
     assert blocks_for(1728, 576) == GemvBlocks(16, 64, 4, 3)  # SmolLM2's MLP: K = 9 x 64
-    assert blocks_for(24, 64, gated=True) is None  # 12 rows per half
+    assert blocks_for(20, 64, gated=True) is None  # 10 rows per half
+    assert blocks_for(64, 32, rope_dim=8) == GemvBlocks(4, 32, 4, 3)  # half-heads of 4 rows
     assert blocks_for(6144, 4096, rope_dim=128, device_kind=h100) == GemvBlocks(8, 512, 8, 3)
-    assert blocks_for(96, 64, rope_dim=24) is None  # half-heads of 12 rows
+    assert blocks_for(96, 64, rope_dim=12) is None  # half-heads of 6 rows
     for n, k, gated in ((6144, 4096, False), (4096, 4096, False), (1152, 576, True)):
         b = blocks_for(n, k, gated=gated)
         assert (n // (2 if gated else 1)) % b.block_n == 0 and k % b.block_k == 0
