@@ -164,9 +164,10 @@ def _cos_sin():
     """cos, sin [1, HEAD] of position 300 under Llama's rope theta."""
     import jax.numpy as jnp
 
-    inv = 1.0 / (500000.0 ** (jnp.arange(0, HEAD, 2, dtype=jnp.float32) / HEAD))
-    emb = jnp.concatenate([300.0 * inv, 300.0 * inv])[None, :]
-    return jnp.cos(emb), jnp.sin(emb)
+    from engine.models.config import RopeScaling
+    from engine.models.layers.rope import rope_cos_sin, rope_inv_freq
+
+    return rope_cos_sin(jnp.array([300]), rope_inv_freq(HEAD, 500000.0, RopeScaling()))
 
 
 def _xla_proj(x, w, kind, res):

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from engine.models.layers.rope import apply_rope
 from engine.pallas_kernels.gemv_gpu.tuned_block_sizes import GemvBlocks, Pairing, fits, pairing_of
 
 
@@ -158,13 +159,11 @@ def gemv_reference(x, w, *, residual=None, bias=None, rms_eps=None, act=None, ro
     if act is not None:
         gate, up = jnp.split(y, 2, axis=-1)
         y = act(gate) * up
-    if rope is not None:
-        cos, sin = (c.astype(jnp.float32).reshape(1, 1, -1) for c in rope)  # [1, 1, H]
+    if rope is not None:  # the model's own rotation (engine.models.layers.rope), on q and k only
+        cos, sin = (c.astype(jnp.float32).reshape(1, -1) for c in rope)  # [1, H]
         heads = y.reshape(1, -1, cos.shape[-1])  # [1, n, H]
-        lo, hi = jnp.split(heads, 2, axis=-1)
-        turned = heads * cos + jnp.concatenate([-hi, lo], axis=-1) * sin
         keep = (jnp.arange(heads.shape[1]) < rope_heads)[None, :, None]
-        y = jnp.where(keep, turned, heads).reshape(y.shape)
+        y = jnp.where(keep, apply_rope(heads, cos, sin), heads).reshape(y.shape)
     if residual is not None:
         y = y + residual.astype(jnp.float32)
     return y.astype(x.dtype)

@@ -50,7 +50,9 @@ def fits(n: int, k: int, blocks: GemvBlocks, pairing: Pairing | None = None) -> 
         return False
     if pairing is None:
         return n % blocks.block_n == 0
-    return n % pairing.period == 0 and pairing.offset % blocks.block_n == 0
+    # Each period splits into two equal halves (an odd gated weight or head dim has no partner rows).
+    halves = pairing.period == 2 * pairing.offset
+    return halves and n % pairing.period == 0 and pairing.offset % blocks.block_n == 0
 
 
 def pairing_of(n: int, *, gated: bool = False, rope_dim: int | None = None) -> Pairing | None:
@@ -67,8 +69,6 @@ def blocks_for(n: int, k: int, *, gated: bool = False, rope_dim: int | None = No
     """The tiling for an [n, k] weight, gated ([gate; up] rows) or with rope over heads of
     rope_dim rows, or None where none tiles it."""
     pairing = pairing_of(n, gated=gated, rope_dim=rope_dim)
-    if gated and n % 2:
-        return None
     kind = "gated" if gated else "rope" if rope_dim is not None else "plain"
     for (dev, tn, tk, tkind), blocks in TUNED.items():
         if device_kind.startswith(dev) and (tn, tk, tkind) == (n, k, kind):

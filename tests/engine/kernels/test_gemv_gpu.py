@@ -77,6 +77,8 @@ def test_row_gemv_refuses_a_weight_no_tiling_fits():
     assert row.supports(64, 96) and not row.supports(64, 100) and not row.supports(6, 64)
     with pytest.raises(ValueError, match="no GEMV tiling"):
         row(jnp.ones((1, 100)), jnp.ones((64, 100)))
+    with pytest.raises(ValueError, match="does not tile"):  # 9 rows: no equal gate and up halves
+        gemv(jnp.ones((1, 64)), jnp.ones((9, 64)), act=jax.nn.silu, blocks=GemvBlocks(4, 64), interpret=True)
     with pytest.raises(ValueError, match="one row"):
         gemv(jnp.ones((2, 64)), jnp.ones((16, 64)), blocks=GemvBlocks(16, 64), interpret=True)
 
